@@ -1,0 +1,351 @@
+"""Typed configuration: YAML files validated into dataclasses.
+
+A config file is a YAML mapping whose keys mirror :class:`Config`. Every key is checked: an unknown key
+or a value of the wrong type raises :class:`ConfigError` naming the dotted path of the key
+(``model.fpn_channels``), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or has a value of the wrong type."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DigitsConfig:
+    """Parameters of the embedded digits data set (see :mod:`detkd.data.digits`)."""
+
+    image_size: int = 128
+    train_images: int = 2000
+    val_images: int = 300
+    min_digits: int = 1
+    max_digits: int = 4
+    scale_min: float = 0.8  # digit size in multiples of the 28 px MNIST glyph
+    scale_max: float = 2.0
+    max_overlap: float = 0.1  # largest IoU allowed between two digits of one scene
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the images and annotations are, and how they are loaded.
+
+    ``format``: ``coco`` (instances json + image folder), ``voc`` (VOCdevkit tree, ``train_sets`` /
+    ``val_sets`` like ``VOC2007/trainval``), ``voc_folder`` (loose images + VOC XML files) or ``digits``
+    (the embedded data set, generated under ``root`` when absent).
+    """
+
+    format: Literal["coco", "voc", "voc_folder", "digits"] = "digits"
+    root: str = "data/digits"
+    train_ann: str = "annotations/instances_train.json"
+    train_images: str = "train"
+    val_ann: str = "annotations/instances_val.json"
+    val_images: str = "val"
+    train_sets: list[str] = field(default_factory=lambda: ["VOC2007/trainval", "VOC2012/trainval"])
+    val_sets: list[str] = field(default_factory=lambda: ["VOC2007/test"])
+    class_names: list[str] = field(default_factory=list)  # voc / voc_folder; empty = the 20 VOC classes
+    bad_boxes: Literal["repair", "drop", "error"] = "repair"
+    bad_images: Literal["error", "skip"] = "error"
+    hflip: float = 0.5
+    photometric: bool = False
+    batch_size: int = 8
+    workers: int = 2
+    digits: DigitsConfig = field(default_factory=DigitsConfig)
+
+
+@dataclass
+class ModelConfig:
+    """A torchvision detector (see :func:`detkd.models.build_detector`)."""
+
+    arch: Literal["faster_rcnn", "retinanet", "fcos"] = "retinanet"
+    backbone: Literal[
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v3_large"
+    ] = "resnet18"
+    num_classes: int = 10  # foreground classes; torchvision's background index 0 is added for Faster R-CNN
+    fpn_channels: int = 256
+    min_size: int = 800
+    max_size: int = 1333
+    weights: str = "none"  # detector weights: none | torchvision weights name | checkpoint path
+    backbone_weights: str = "none"  # none | torchvision weights name | checkpoint path
+    trainable_layers: int = 5  # backbone stages that train (0-5); the rest are frozen
+    norm: Literal["frozen_bn", "bn"] = "frozen_bn"
+    anchor_sizes: list[int] = field(default_factory=list)  # one per level; empty = torchvision default
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    score_thresh: float = 0.05
+    detections_per_img: int = 100
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    preset: Literal["", "1x", "2x"] = ""  # 1x = 12 epochs, steps at 8 and 11; 2x = 24, steps at 16 and 22
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [8, 11])
+    gamma: float = 0.1
+    clip_grad: float = 0.0  # max global grad norm; 0 = off
+    amp: bool = False  # mixed precision, GPU only
+    eval_every: int = 1  # epochs; 0 = only at the end
+    keep_last: int = 2  # epoch checkpoints kept besides last.pt and best.pt
+    log_every: int = 20  # iterations
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class MethodConfig:
+    """One distiller of a run: its registry name, its weight, and its own options."""
+
+    name: str = ""
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistillConfig:
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher_checkpoint: str = ""
+    methods: list[MethodConfig] = field(default_factory=list)
+    student_init: Literal["none", "checkpoint", "inherit"] = "none"
+    student_checkpoint: str = ""
+    decay: bool = False  # scale every distillation term by (1 - epoch / epochs)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig | None = None
+    output_dir: str = "runs/default"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}: {value!r} is not one of {choices}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        item_tp = args[0] if args else Any
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys and wrong types by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s} (valid keys{' of ' + path if path else ''}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested mapping of a config (what gets saved next to checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def _normalise_methods(raw: dict[str, Any]) -> dict[str, Any]:
+    """Accept ``methods: [defeat, kd]`` and ``methods: [{name: kd, weight: 2, T: 4}]``.
+
+    Keys of a method entry other than ``name`` and ``weight`` are that method's options.
+    """
+    methods = raw.get("methods")
+    if methods is None:
+        return raw
+    if isinstance(methods, str):
+        methods = [methods]
+    out = []
+    for m in methods:
+        if isinstance(m, str):
+            out.append({"name": m})
+        elif isinstance(m, dict):
+            m = dict(m)
+            entry = {"name": m.pop("name", ""), "weight": m.pop("weight", 1.0)}
+            options = m.pop("options", {})
+            options = {**options, **m}
+            entry["options"] = options
+            out.append(entry)
+        else:
+            out.append(m)  # let validation report it
+    return {**raw, "methods": out}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value, read as YAML (``3``, ``0.1``, ``true``, ``[8, 11]``, ``abc``)."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a raw config mapping (before validation)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = parse_value(text)
+    return raw
+
+
+def _apply_presets(cfg: Config) -> Config:
+    if cfg.train.preset == "1x":
+        cfg.train.epochs, cfg.train.milestones = 12, [8, 11]
+    elif cfg.train.preset == "2x":
+        cfg.train.epochs, cfg.train.milestones = 24, [16, 22]
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks that types alone cannot express; each error names the key."""
+    checks = [
+        (cfg.model.num_classes >= 1, "model.num_classes must be >= 1"),
+        (cfg.model.fpn_channels >= 1, "model.fpn_channels must be >= 1"),
+        (0 <= cfg.model.trainable_layers <= 5, "model.trainable_layers must be in 0..5"),
+        (cfg.model.min_size >= 16, "model.min_size must be >= 16"),
+        (cfg.model.max_size >= cfg.model.min_size, "model.max_size must be >= model.min_size"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (0.0 <= cfg.data.hflip <= 1.0, "data.hflip must be a probability in [0, 1]"),
+        (cfg.train.keep_last >= 0, "train.keep_last must be >= 0"),
+        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    if cfg.distill is not None:
+        for i, m in enumerate(cfg.distill.methods):
+            if m.weight < 0:
+                raise ConfigError(f"distill.methods[{i}].weight must be >= 0, got {m.weight}")
+        if cfg.distill.teacher.num_classes != cfg.model.num_classes:
+            raise ConfigError(
+                f"distill.teacher.num_classes ({cfg.distill.teacher.num_classes}) differs from "
+                f"model.num_classes ({cfg.model.num_classes}): teacher and student must share one class set"
+            )
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    if isinstance(raw.get("distill"), dict):
+        raw["distill"] = _normalise_methods(raw["distill"])
+    return validate(_apply_presets(from_dict(Config, raw)))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, override and validate a config file. Errors name the file and the key."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,90 @@
+"""The distiller interface and its registry.
+
+A distiller is an ``nn.Module`` (its parameters are adapters, trained with the student) built from a
+typed options dataclass. ``forward(teacher, student, targets)`` takes the :class:`~detkd.taps.Taps` of
+both detectors on the same transformed batch and returns a dict of named, already weighted loss terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from detkd.config import ConfigError, from_dict
+from detkd.taps import TapRequest, Taps
+
+
+@dataclass
+class DistillContext:
+    """What :meth:`Distiller.on_epoch_start` may use: both detectors and a non-augmented training loader.
+
+    ``loader`` yields ``(images, targets)`` like the training loader (this rank's shard under DDP) but
+    without random augmentation. ``student`` is the bare model (not the DDP wrapper).
+    """
+
+    teacher: nn.Module
+    student: nn.Module
+    loader: Any
+    device: Any
+    epoch: int
+    epochs: int
+    log: Callable[[dict[str, float]], None] = field(default=lambda d: None)
+
+
+class Distiller(nn.Module):
+    """Base class. Subclasses set ``Options`` (a dataclass), ``archs`` and ``request``."""
+
+    Options: ClassVar[type]
+    archs: ClassVar[tuple[str, ...]] = ("faster_rcnn", "retinanet", "fcos")
+
+    def __init__(self, opts: Any, teacher_channels: list[int], student_channels: list[int], arch: str):
+        super().__init__()
+        self.opts = opts
+        self.arch = arch
+
+    def request(self) -> TapRequest:
+        """What the teacher must compute for this distiller."""
+        return TapRequest(features=True)
+
+    def on_epoch_start(self, context: DistillContext) -> None:  # noqa: B027 - optional hook
+        """Called before every training epoch (the global method refreshes prototypes here)."""
+
+    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Distiller]] = {}
+
+
+def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
+    def deco(cls: type[Distiller]) -> type[Distiller]:
+        REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def build_distiller(
+    name: str,
+    options: dict[str, Any],
+    teacher_channels: list[int],
+    student_channels: list[int],
+    arch: str,
+    where: str = "distill",
+) -> Distiller:
+    """Look ``name`` up in the registry, validate its options, and check it supports ``arch``."""
+    import detkd.distill  # noqa: F401  (registers the built-in distillers)
+
+    if name not in REGISTRY:
+        raise ConfigError(f"{where}.name: unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    cls = REGISTRY[name]
+    if arch not in cls.archs:
+        raise ConfigError(
+            f"{where}.name: method {name!r} does not support {arch} (supported: {', '.join(cls.archs)})"
+        )
+    opts = from_dict(cls.Options, options, f"{where}.options")
+    return cls(opts, teacher_channels, student_channels, arch)
