@@ -132,6 +132,7 @@ class MethodConfig:
 @dataclass
 class DistillConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher_config: str = ""  # a config file whose model section is the teacher (resolved at load time)
     teacher_checkpoint: str = ""
     methods: list[MethodConfig] = field(default_factory=list)
     student_init: Literal["none", "checkpoint", "inherit"] = "none"
@@ -342,9 +343,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: mappings merge key by key, anything else in ``child`` replaces ``base``."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config mapping with its ``base:`` chain resolved (``base`` is a path relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    raw = load_yaml(path)
+    base = raw.pop("base", None)
+    distill = raw.get("distill")
+    if isinstance(distill, dict) and isinstance(distill.get("teacher_config"), str) and distill["teacher_config"]:
+        # The teacher is another config's model: take that section, then apply any teacher keys given here.
+        tpath = (path.parent / distill["teacher_config"]).resolve()
+        teacher_model = load_raw(tpath, (*_seen, path)).get("model", {})
+        distill["teacher"] = merge(teacher_model, distill.get("teacher") or {})
+        distill["teacher_config"] = str(tpath)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
+    return merge(load_raw(path.parent / base, (*_seen, path)), raw)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load, override and validate a config file. Errors name the file and the key."""
-    raw = apply_overrides(load_yaml(path), overrides or [])
+    """Load (following ``base:``), override and validate a config file. Errors name the file and the key."""
+    raw = apply_overrides(load_raw(path), overrides or [])
     try:
         return config_from_dict(raw)
     except ConfigError as e:

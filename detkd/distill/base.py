@@ -77,7 +77,9 @@ def build_distiller(
     where: str = "distill",
 ) -> Distiller:
     """Look ``name`` up in the registry, validate its options, and check it supports ``arch``."""
-    import detkd.distill  # noqa: F401  (registers the built-in distillers)
+    from detkd.distill import load_builtin
+
+    load_builtin()
 
     if name not in REGISTRY:
         raise ConfigError(f"{where}.name: unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")

@@ -1,0 +1,160 @@
+"""The ``detkd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from detkd.config import ConfigError
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 data.batch_size=4")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from detkd.config import load_config
+    from detkd.engine.trainer import fit
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "train" and cfg.distill is not None:
+        raise ConfigError(f"{args.config} has a distill section: run it with `detkd distill`")
+    if args.command == "distill" and cfg.distill is None:
+        raise ConfigError(f"{args.config} has no distill section: run it with `detkd train`")
+    metrics = fit(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from detkd.config import load_config
+    from detkd.engine.trainer import evaluate_checkpoint
+    from detkd.evaluation import format_metrics
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = evaluate_checkpoint(cfg, args.checkpoint, progress=not args.quiet)
+    print(format_metrics(metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_data_digits(args: argparse.Namespace) -> int:
+    from detkd.config import DigitsConfig, from_dict
+    from detkd.data.digits import make_digits
+
+    params = {}
+    for item in args.set or []:
+        from detkd.config import parse_value
+
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        params[k] = parse_value(v)
+    cfg = from_dict(DigitsConfig, params, "digits")
+    out = make_digits(args.out, cfg)
+    print(f"digits data set written to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from detkd.demo import run_demo
+
+    run_demo(out_dir=args.out, quick=args.quick)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from detkd.export import export_student
+
+    paths = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, torchscript=args.torchscript,
+                           onnx=args.onnx)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_prototypes(args: argparse.Namespace) -> int:
+    from detkd.config import load_config
+    from detkd.distill.prototypes import export_prototypes
+
+    cfg = load_config(args.config, args.overrides)
+    out = export_prototypes(cfg, args.checkpoint, args.out)
+    print(f"prototypes written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="detkd", description="Knowledge distillation for torchvision detectors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    for name, helptext in (("train", "train a detector"), ("distill", "distil a student from a frozen teacher")):
+        p = sub.add_parser(name, help=helptext)
+        _add_config(p)
+        p.add_argument("--resume", action="store_true", help="continue the run in output_dir from last.pt")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (training or exported) on the val split")
+    _add_config(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="data set tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("digits", help="write the embedded digits data set in COCO format")
+    d.add_argument("out")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="digits parameter, e.g. --set image_size=96 --set train_images=500")
+    d.set_defaults(func=cmd_data_digits)
+
+    p = sub.add_parser("demo", help="offline end-to-end demo on the digits data")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="write the student of a run as a plain torchvision state dict")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--checkpoint", default="best.pt", help="file in RUN_DIR to export (default best.pt, "
+                   "falling back to last.pt)")
+    p.add_argument("--torchscript", action="store_true")
+    p.add_argument("--onnx", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("prototypes", help="select prototypes with a trained pair and save them with a gallery")
+    _add_config(p)
+    p.add_argument("--checkpoint", required=True, help="student checkpoint")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prototypes)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from detkd.engine.checkpoint import CheckpointError
+
+    known: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+    try:
+        from detkd.data import DataError
+
+        known = (*known, DataError)
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except known as e:
+        print(f"detkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("detkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

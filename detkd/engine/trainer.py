@@ -1,0 +1,467 @@
+"""The training loop: one loop for every detector, with or without distillation.
+
+Read top to bottom: set-up (device, data, models, optimizer, resume), then epochs of steps, evaluation
+and checkpoints. Distillation only adds a frozen teacher and a list of distillers whose weighted terms
+are added to the detection loss; everything else is shared.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler, Sampler
+
+from detkd.config import Config, ConfigError, to_dict
+from detkd.engine import dist
+from detkd.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_state,
+    rotate_epoch_checkpoints,
+    save_checkpoint,
+)
+from detkd.engine.evaluate import evaluate_model
+from detkd.engine.logger import Progress, RunLogger
+from detkd.engine.schedule import build_optimizer, build_scheduler
+from detkd.utils import atomic_write_text, info, seed_everything
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps produced a NaN/Inf loss."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Samplers
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world``-th index from ``rank``, no padding: each image is evaluated exactly once."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Student + distillers as one module
+
+
+class DistillStep(nn.Module):
+    """Student and distillers in one module, so that DDP synchronises the adapters' gradients too.
+
+    The teacher is held outside the parameter tree: it is frozen, in eval mode, and never optimised.
+    """
+
+    def __init__(self, student: nn.Module, distillers: nn.ModuleList | None = None,
+                 weights: list[float] | None = None, teacher: nn.Module | None = None):
+        super().__init__()
+        self.student = student
+        self.distillers = distillers if distillers is not None else nn.ModuleList()
+        self.weights = weights or []
+        self._teacher = [teacher] if teacher is not None else []  # a list hides it from .parameters()
+        self.scale = 1.0  # distillation decay factor, set by the loop every epoch
+        if self.distillers:
+            from detkd.taps import TapRequest
+
+            req = TapRequest()
+            for d in self.distillers:
+                req = req.merge(d.request())
+            self.request = req
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if not self.distillers:
+            return self.student(images, targets), {}
+        from detkd.taps import tap_student, tap_teacher, transform_batch
+
+        image_list, tgts = transform_batch(self.student, images, targets)
+        det_losses, s_taps = tap_student(self.student, image_list, tgts)
+        t_taps = tap_teacher(self.teacher, image_list, tgts, self.request, s_taps)
+        kd_losses: dict[str, Tensor] = {}
+        for d, w in zip(self.distillers, self.weights):
+            for k, v in d(t_taps, s_taps, tgts).items():
+                kd_losses[k] = v * (w * self.scale)
+        return det_losses, kd_losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building a run
+
+
+def resolve_device(name: str) -> torch.device:
+    return dist.init_from_env(name)
+
+
+def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module | None, DistillStep]:
+    """Student, frozen teacher (or None) and the step module, all on ``device``."""
+    from detkd.distill.base import build_distiller
+    from detkd.models import build_detector, check_pair, feature_channels
+
+    student = build_detector(cfg.model)
+    if cfg.distill is None:
+        return student.to(device), None, DistillStep(student.to(device))
+
+    dc = cfg.distill
+    check_pair(dc.teacher, cfg.model)
+    if not dc.teacher_checkpoint:
+        raise ConfigError("distill.teacher_checkpoint: a trained teacher checkpoint is required")
+    if not dc.methods:
+        raise ConfigError("distill.methods: name at least one method (e.g. methods: [fgfi])")
+    teacher_cfg = _with_weights(dc.teacher, dc.teacher_checkpoint)
+    teacher = build_detector(teacher_cfg)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    if dc.student_init == "checkpoint":
+        if not dc.student_checkpoint:
+            raise ConfigError("distill.student_checkpoint: required when distill.student_init is 'checkpoint'")
+        student = build_detector(_with_weights(cfg.model, dc.student_checkpoint))
+    elif dc.student_init == "inherit":
+        n = inherit_from_teacher(student, teacher)
+        info(f"inherit: copied {n} neck/head tensors from the teacher (shapes that match)")
+
+    t_ch, s_ch = feature_channels(teacher), feature_channels(student)
+    if len(t_ch) != len(s_ch):
+        raise ConfigError(
+            f"teacher has {len(t_ch)} pyramid levels and the student {len(s_ch)}: feature distillers need "
+            "the same levels (use the same detector family or FPN layout)"
+        )
+    distillers = nn.ModuleList(
+        build_distiller(m.name, m.options, t_ch, s_ch, cfg.model.arch, where=f"distill.methods[{i}]")
+        for i, m in enumerate(dc.methods)
+    )
+    weights = [m.weight for m in dc.methods]
+    teacher.to(device)
+    student.to(device)
+    step = DistillStep(student, distillers.to(device), weights, teacher)
+    return student, teacher, step
+
+
+def _with_weights(model_cfg, path: str):
+    import copy
+
+    out = copy.deepcopy(model_cfg)
+    out.weights = path
+    out.backbone_weights = "none"
+    return out
+
+
+def inherit_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
+    """Copy the teacher's neck (FPN) and head tensors into the student wherever names and shapes match."""
+    s_state = student.state_dict()
+    t_state = teacher.state_dict()
+    copied = 0
+    for k, v in t_state.items():
+        if k.startswith("backbone.body."):
+            continue  # the backbone is what the student does differently
+        if k in s_state and s_state[k].shape == v.shape:
+            s_state[k] = v.clone()
+            copied += 1
+    student.load_state_dict(s_state)
+    return copied
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG state (plain containers, so checkpoints load with weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs completed
+    iteration: int = 0
+    best: float = -1.0
+    bad_steps: int = 0
+
+
+def _make_loaders(cfg: Config):
+    from detkd.data import build_dataset, build_loader
+
+    train_set = build_dataset(cfg.data, "train", cfg.model)
+    val_set = build_dataset(cfg.data, "val", cfg.model)
+    if len(train_set) == 0:
+        raise ConfigError(f"data: the training split under {cfg.data.root} has no images")
+    world, rank = dist.world_size(), dist.rank()
+    train_sampler = (DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+                     if world > 1 else None)
+    per_rank_bs = cfg.data.batch_size
+    train_loader = build_loader(train_set, per_rank_bs, cfg.data.workers, shuffle=train_sampler is None,
+                                sampler=train_sampler, seed=cfg.train.seed, drop_last=len(train_set) > per_rank_bs)
+    val_loader = build_loader(val_set, per_rank_bs, cfg.data.workers, shuffle=False,
+                              sampler=ShardSampler(len(val_set), rank, world))
+    return train_set, val_set, train_loader, val_loader, train_sampler
+
+
+def _feature_loader(cfg: Config):
+    """Training images without random augmentation, this rank's shard (prototype extraction)."""
+    from detkd.data import build_dataset, build_loader
+
+    ds = build_dataset(cfg.data, "train", cfg.model, train=False)
+    return build_loader(ds, cfg.data.batch_size, cfg.data.workers, shuffle=False,
+                        sampler=ShardSampler(len(ds), dist.rank(), dist.world_size()))
+
+
+def _checkpoint_state(step: DistillStep, opt, sched, scaler, state: LoopState, cfg: Config,
+                      metrics: dict[str, float] | None) -> dict[str, Any]:
+    return {
+        "model": step.student.state_dict(),
+        "distillers": step.distillers.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": state.epoch,
+        "iteration": state.iteration,
+        "best": state.best,
+        "rng": rng_state(),
+        "config": to_dict(cfg),
+        "metrics": metrics or {},
+        "world_size": dist.world_size(),
+    }
+
+
+def _check_output_dir(out: Path, resume: bool) -> Path | None:
+    last = out / "last.pt"
+    if resume:
+        if last.is_file():
+            return last
+        info(f"--resume: no checkpoint in {out}, starting a new run there")
+        return None
+    if last.is_file():
+        raise ConfigError(
+            f"output_dir {out} already holds a run (last.pt); pass --resume to continue it or choose another "
+            "output_dir (nothing was overwritten)"
+        )
+    return None
+
+
+def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or distil, when ``cfg.distill`` is set) and return the final evaluation metrics."""
+    device = resolve_device(cfg.train.device)
+    out = Path(cfg.output_dir)
+    resume_from = _check_output_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed + dist.rank())
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if dist.is_main():
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    train_set, val_set, train_loader, val_loader, train_sampler = _make_loaders(cfg)
+    student, teacher, step = build_models(cfg, device)
+    coco_gt = val_set.coco_gt()
+
+    params = list(step.student.parameters()) + list(step.distillers.parameters())
+    opt = build_optimizer(params, cfg.train)
+    iters_per_epoch = len(train_loader)
+    if iters_per_epoch == 0:
+        raise ConfigError("data.batch_size is larger than the training set; lower it")
+    sched = build_scheduler(opt, iters_per_epoch, cfg.train)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    state = LoopState()
+    metrics: dict[str, float] = {}
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        step.student.load_state_dict(ckpt["model"])
+        step.distillers.load_state_dict(ckpt.get("distillers", {}))
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = LoopState(ckpt["epoch"], ckpt["iteration"], ckpt["best"])
+        metrics = ckpt.get("metrics", {})
+        if ckpt.get("world_size", 1) == dist.world_size():
+            set_rng_state(ckpt["rng"])
+        info(f"resumed from {resume_from}: {state.epoch} epochs done, iteration {state.iteration}")
+
+    model: nn.Module = step
+    if dist.is_dist():
+        model = nn.parallel.DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(step.distillers),
+        )
+
+    logger = RunLogger(out)
+    context_loader = _feature_loader(cfg) if step.distillers else None
+    n_params = sum(p.numel() for p in step.student.parameters())
+    info(f"{'distil' if step.distillers else 'train'} {cfg.model.arch}/{cfg.model.backbone}: {n_params / 1e6:.2f} M "
+         f"params, {len(train_set)} train / {len(val_set)} val images, {cfg.train.epochs} epochs x "
+         f"{iters_per_epoch} iterations, device {device}, world size {dist.world_size()}, output {out}")
+
+    try:
+        while state.epoch < cfg.train.epochs:
+            epoch = state.epoch
+            if train_sampler is not None:
+                train_sampler.set_epoch(epoch)
+            if hasattr(train_loader, "generator") and train_loader.generator is not None:
+                train_loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
+            step.scale = (1.0 - epoch / cfg.train.epochs) if (cfg.distill and cfg.distill.decay) else 1.0
+            if step.distillers:
+                from detkd.distill.base import DistillContext
+
+                ctx = DistillContext(teacher=teacher, student=step.student, loader=context_loader, device=device,
+                                     epoch=epoch, epochs=cfg.train.epochs,
+                                     log=lambda d, e=epoch: logger.log({"kind": "distill", "epoch": e, **d},
+                                                                       state.iteration))
+                for d in step.distillers:
+                    d.on_epoch_start(ctx)
+            _train_one_epoch(model, step, train_loader, opt, sched, scaler, state, cfg, device, logger, progress)
+            state.epoch += 1
+
+            last_epoch = state.epoch == cfg.train.epochs
+            if (cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0) or last_epoch:
+                metrics = evaluate_model(step.student, val_loader, coco_gt, device, progress)
+                metrics["epoch"] = state.epoch
+                logger.log({"kind": "eval", **metrics}, state.iteration)
+                info(f"epoch {state.epoch}/{cfg.train.epochs}: mAP {metrics['mAP']:.4f} AP50 {metrics['AP50']:.4f} "
+                     f"AP75 {metrics['AP75']:.4f} VOC_AP50 {metrics['VOC_AP50']:.4f}")
+            is_best = bool(metrics) and metrics.get("epoch") == state.epoch and metrics["mAP"] > state.best
+            if is_best:
+                state.best = metrics["mAP"]
+            if dist.is_main():
+                ckpt = _checkpoint_state(step, opt, sched, scaler, state, cfg, metrics)
+                save_checkpoint(out / "last.pt", ckpt)
+                if cfg.train.keep_last:
+                    save_checkpoint(out / f"epoch_{state.epoch}.pt", ckpt)
+                    rotate_epoch_checkpoints(out, cfg.train.keep_last)
+                if is_best:
+                    save_checkpoint(out / "best.pt", ckpt)
+            dist.barrier()
+    finally:
+        logger.close()
+    return metrics
+
+
+def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, scaler, state: LoopState,
+                     cfg: Config, device: torch.device, logger: RunLogger, progress: bool) -> None:
+    from detkd.data import model_targets
+
+    step.student.train()
+    if step.teacher is not None:
+        step.teacher.eval()
+    use_amp = scaler.is_enabled()
+    bar = Progress(len(loader), f"epoch {state.epoch + 1}/{cfg.train.epochs}", enabled=progress)
+    window: dict[str, float] = {}
+    n_window = 0
+    t_window = time.perf_counter()
+    try:
+        for images, targets in loader:
+            images = [img.to(device, non_blocking=True).float() / 255.0 for img in images]
+            tgts = [{k: v.to(device) for k, v in t.items()} for t in model_targets(targets)]
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                det_losses, kd_losses = model(images, tgts)
+            terms = {**det_losses, **kd_losses}
+            loss = sum(terms.values())
+
+            bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+            flag = torch.tensor([1.0 if bad else 0.0], device=device)
+            if dist.is_dist():
+                torch.distributed.all_reduce(flag)
+            if flag.item() > 0:
+                state.bad_steps += 1
+                opt.zero_grad(set_to_none=True)
+                msg = f"non-finite loss at iteration {state.iteration} in {', '.join(bad) or 'another rank'}"
+                info(f"skipped step: {msg} ({state.bad_steps} in a row)")
+                logger.log({"kind": "skip", "iteration": state.iteration, "terms": bad}, state.iteration)
+                if state.bad_steps >= cfg.train.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{state.bad_steps} consecutive non-finite losses (last: {msg}); stopping. The last good "
+                        f"checkpoint in {cfg.output_dir} is intact; lower train.lr or enable train.clip_grad."
+                    )
+                state.iteration += 1
+                sched.step()
+                bar.update(len(images))
+                continue
+            state.bad_steps = 0
+
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.train.clip_grad > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                               cfg.train.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            state.iteration += 1
+
+            for k, v in terms.items():
+                window[k] = window.get(k, 0.0) + float(v.detach())
+            window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+            n_window += 1
+            lr = opt.param_groups[0]["lr"]
+            bar.update(len(images), loss=float(loss.detach()), lr=lr)
+            if state.iteration % cfg.train.log_every == 0 or n_window == len(loader):
+                elapsed = max(1e-9, time.perf_counter() - t_window)
+                rec = {"kind": "train", "epoch": state.epoch, "iteration": state.iteration, "lr": lr,
+                       "img_per_s": n_window * len(images) * dist.world_size() / elapsed}
+                rec.update({k: v / n_window for k, v in window.items()})
+                for d in step.distillers:
+                    rec.update({f"{d.name}/{k}": v for k, v in getattr(d, "stats", {}).items()})
+                logger.log(rec, state.iteration)
+                window, n_window, t_window = {}, 0, time.perf_counter()
+    finally:
+        bar.close()
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, progress: bool = True) -> dict[str, float]:
+    """Evaluate a detkd checkpoint, or a plain/exported state dict, with the model of ``cfg``."""
+    from detkd.data import build_dataset, build_loader
+    from detkd.models import build_detector
+
+    device = resolve_device(cfg.train.device)
+    model = build_detector(cfg.model)
+    obj = load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(model_state(obj))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit model {cfg.model.arch}/"
+                              f"{cfg.model.backbone} with {cfg.model.num_classes} classes: {' '.join(first)}") from e
+    model.to(device)
+    val_set = build_dataset(cfg.data, "val", cfg.model)
+    loader = build_loader(val_set, cfg.data.batch_size, cfg.data.workers, shuffle=False,
+                          sampler=ShardSampler(len(val_set), dist.rank(), dist.world_size()))
+    return evaluate_model(model, loader, val_set.coco_gt(), device, progress)

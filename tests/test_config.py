@@ -1,0 +1,91 @@
+import glob
+
+import pytest
+
+from detkd.config import Config, ConfigError, config_from_dict, load_config
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_every_shipped_config_validates():
+    files = [f for f in sorted(glob.glob("configs/*/*.yaml")) if "_base" not in f]
+    assert len(files) > 40
+    for f in files:
+        cfg = load_config(f)
+        assert isinstance(cfg, Config)
+        if cfg.distill is not None:
+            assert cfg.distill.teacher.num_classes == cfg.model.num_classes
+            assert cfg.distill.methods
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = write(tmp_path, "c.yaml", "model:\n  fpn_chanels: 64\n")
+    with pytest.raises(ConfigError, match=r"unknown key model\.fpn_chanels"):
+        load_config(p)
+
+
+def test_wrong_type_is_named(tmp_path):
+    p = write(tmp_path, "c.yaml", "train:\n  epochs: three\n")
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer"):
+        load_config(p)
+    p = write(tmp_path, "d.yaml", "model:\n  arch: yolo\n")
+    with pytest.raises(ConfigError, match=r"model\.arch: 'yolo' is not one of"):
+        load_config(p)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = write(tmp_path, "c.yaml", "model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_and_presets(tmp_path):
+    p = write(tmp_path, "c.yaml", "train:\n  preset: 2x\n")
+    cfg = load_config(p, ["model.fpn_channels=64", "train.milestones=[1, 2]", "data.root=/x"])
+    assert cfg.model.fpn_channels == 64
+    assert cfg.data.root == "/x"
+    assert cfg.train.epochs == 24 and cfg.train.milestones == [16, 22]  # the preset wins over milestones
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(p, ["model.fpn_channels"])
+
+
+def test_int_widens_to_float_but_bool_is_not_int():
+    cfg = config_from_dict({"train": {"lr": 1}})
+    assert isinstance(cfg.train.lr, float)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        config_from_dict({"train": {"epochs": True}})
+
+
+def test_base_chain_and_teacher_config(tmp_path):
+    write(tmp_path, "base.yaml", "model:\n  backbone: resnet50\n  fpn_channels: 64\ntrain:\n  epochs: 3\n")
+    write(tmp_path, "teacher.yaml", "base: base.yaml\nmodel:\n  backbone: resnet101\n")
+    p = write(tmp_path, "kd.yaml", "base: base.yaml\nmodel:\n  backbone: resnet18\n"
+              "distill:\n  teacher_config: teacher.yaml\n  teacher:\n    fpn_channels: 128\n"
+              "  teacher_checkpoint: t.pt\n  methods: [fgfi, {name: kd, weight: 2.0, temperature: 4.0}]\n")
+    cfg = load_config(p)
+    assert cfg.model.backbone == "resnet18" and cfg.model.fpn_channels == 64 and cfg.train.epochs == 3
+    assert cfg.distill.teacher.backbone == "resnet101" and cfg.distill.teacher.fpn_channels == 128
+    assert [m.name for m in cfg.distill.methods] == ["fgfi", "kd"]
+    assert cfg.distill.methods[1].weight == 2.0 and cfg.distill.methods[1].options == {"temperature": 4.0}
+
+
+def test_base_loop_is_an_error(tmp_path):
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_value_checks_name_the_key():
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        config_from_dict({"model": {"num_classes": 0}})
+    with pytest.raises(ConfigError, match="distill.teacher.num_classes"):
+        config_from_dict({"model": {"num_classes": 10}, "distill": {"teacher": {"num_classes": 20}}})
+    with pytest.raises(ConfigError, match=r"distill.methods\[0\].weight"):
+        config_from_dict({"distill": {"methods": [{"name": "kd", "weight": -1}]}})
