@@ -1,0 +1,94 @@
+"""COCO box metrics (AP over IoU 0.50:0.95, AP50, AP75, per-size AP and AR) via faster-coco-eval.
+
+faster-coco-eval re-implements the pycocotools matching and accumulation in C++ with identical results;
+pycocotools is used only when faster-coco-eval is not installed. The COCO objects are built from the
+in-memory dicts (no temporary json files) and the libraries' progress prints are silenced unless
+``verbose=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from detkd.evaluation.inputs import Detections, GroundTruth, check_coco_gt, check_detections
+
+try:
+    from faster_coco_eval import COCO
+    from faster_coco_eval import COCOeval_faster as _COCOeval
+
+    _BACKEND = "faster_coco_eval"
+except ImportError:  # pragma: no cover - the project depends on faster-coco-eval
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval as _COCOeval
+
+    _BACKEND = "pycocotools"
+
+# Order of COCOeval.stats[:12] (the standard 12-line COCO summary), fractions in [0, 1], -1 = undefined.
+COCO_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _coco_from_dict(dataset: dict) -> COCO:
+    """A COCO api object over an in-memory dict (works for both backends; no file, no deep copy)."""
+    coco = COCO()
+    coco.dataset = dataset
+    coco.createIndex()
+    return coco
+
+
+def coco_metrics_checked(gt: GroundTruth, dets: Detections, verbose: bool = False) -> dict[str, float]:
+    """:func:`coco_metrics` on already validated inputs (see :mod:`detkd.evaluation.inputs`)."""
+    # Annotation ids are numbered from 1: the C++ matcher uses id 0 as "unmatched".
+    gt_anns = [
+        {"id": k + 1, "image_id": i, "category_id": c, "bbox": b, "area": a, "iscrowd": int(z)}
+        for k, (i, c, b, a, z) in enumerate(
+            zip(gt.image_id.tolist(), gt.category_id.tolist(), gt.boxes.tolist(), gt.area.tolist(),
+                gt.iscrowd.tolist())
+        )
+    ]
+    # What loadRes would add to the results (id, area = w * h, iscrowd 0), minus the unused polygons.
+    dt_anns = [
+        {"id": k + 1, "image_id": i, "category_id": c, "bbox": b, "score": s, "area": b[2] * b[3], "iscrowd": 0}
+        for k, (i, c, b, s) in enumerate(
+            zip(dets.image_id.tolist(), dets.category_id.tolist(), dets.boxes.tolist(), dets.scores.tolist())
+        )
+    ]
+    # faster-coco-eval reports through print_function; pycocotools print()s, so its stdout is captured.
+    keep_stdout = verbose or _BACKEND == "faster_coco_eval"
+    with contextlib.nullcontext() if keep_stdout else contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = _coco_from_dict({"images": gt.images, "annotations": gt_anns, "categories": gt.categories})
+        coco_dt = _coco_from_dict({"images": gt.images, "annotations": dt_anns, "categories": gt.categories})
+        if _BACKEND == "faster_coco_eval":
+            evaluator = _COCOeval(coco_gt, coco_dt, iouType="bbox", print_function=print if verbose else _quiet)
+        else:  # pragma: no cover
+            evaluator = _COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = np.asarray(evaluator.stats, dtype=np.float64)[: len(COCO_KEYS)]
+    return {key: float(value) for key, value in zip(COCO_KEYS, stats)}
+
+
+def coco_metrics(coco_gt: Mapping, detections: Sequence[Mapping], verbose: bool = False) -> dict[str, float]:
+    """The 12 standard COCO box metrics of ``detections`` against ``coco_gt``.
+
+    Args:
+        coco_gt: COCO json dict (``images``, ``annotations`` with ``bbox`` xywh, ``categories``); a missing
+            ``area`` is taken as ``w * h`` and a missing ``iscrowd`` as 0. Not modified.
+        detections: COCO result dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``). Not modified.
+        verbose: print the library's usual 12-line summary.
+
+    Returns:
+        ``{mAP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}`` as fractions; -1 where COCO
+        leaves a metric undefined (no ground truth in that size range). With no detections every defined
+        metric is 0.
+    """
+    gt = check_coco_gt(coco_gt)
+    return coco_metrics_checked(gt, check_detections(detections, gt), verbose)
