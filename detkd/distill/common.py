@@ -1,0 +1,241 @@
+"""Small pieces shared by the feature and logit distillers.
+
+- :func:`build_adapters`: per-level convolutions mapping student channels to teacher channels.
+- :func:`check_pyramids` / :func:`check_adapters`: teacher, student and adapters agree on the levels.
+- :func:`box_masks`: ground-truth boxes rasterised on every pyramid level (DeFeat-style masks).
+- :func:`grid_anchors` / :func:`level_anchors` / :func:`imitation_masks`: FGFI near-object anchor masks.
+- :func:`softmax_kl` / :func:`sigmoid_kl`: temperature-softened KL(teacher || student).
+- :func:`graph_zero`: a zero that stays connected to the autograd graph (empty batches under DDP).
+- :func:`check_temperature`: options validation shared by the KD-style distillers.
+
+Everything works on :class:`~detkd.taps.Taps` in the transformed frame: feature cell ``(i, j)`` of a
+level with stride ``s`` covers the pixels ``[j s, (j + 1) s) x [i s, (i + 1) s)`` of the padded batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from detkd.config import ConfigError
+from detkd.taps import Taps
+
+ADAPTER_KINDS = ("conv1x1", "conv3x3", "identity")
+
+
+def build_adapters(student_channels: list[int], teacher_channels: list[int], kind: str = "conv1x1",
+                   relu: bool = False, where: str = "adapter") -> nn.ModuleList:
+    """One adapter per pyramid level mapping student channels to teacher channels.
+
+    ``kind``: ``conv1x1`` / ``conv3x3`` (a convolution with bias, PyTorch's default initialisation, padding
+    that keeps the map size) or ``identity`` (only when the widths agree). ``relu`` appends a ReLU (the FGFI
+    authors used conv3x3 + ReLU on post-ReLU VGG features; FPN outputs are signed, so it is off by default).
+    """
+    if len(student_channels) != len(teacher_channels):
+        raise ConfigError(
+            f"{where}: student has {len(student_channels)} pyramid levels, teacher {len(teacher_channels)}; "
+            "feature distillation needs the same levels in both detectors"
+        )
+    if kind not in ADAPTER_KINDS:
+        raise ConfigError(f"{where}: adapter {kind!r} is not one of {', '.join(ADAPTER_KINDS)}")
+    adapters = []
+    for level, (cs, ct) in enumerate(zip(student_channels, teacher_channels)):
+        if kind == "identity":
+            if cs != ct:
+                raise ConfigError(
+                    f"{where}: adapter 'identity' needs equal widths, level {level} has student {cs} and "
+                    f"teacher {ct} channels (use conv1x1 or conv3x3)"
+                )
+            layers: list[nn.Module] = [nn.Identity()]
+        else:
+            k = 1 if kind == "conv1x1" else 3
+            conv = nn.Conv2d(cs, ct, kernel_size=k, padding=k // 2)
+            nn.init.zeros_(conv.bias)
+            layers = [conv]
+        if relu:
+            layers.append(nn.ReLU())
+        adapters.append(nn.Sequential(*layers))
+    return nn.ModuleList(adapters)
+
+
+def check_pyramids(teacher: Taps, student: Taps, method: str) -> None:
+    """Raise a clear error unless both pyramids have the same number of levels and map sizes."""
+    nt, ns = len(teacher.features), len(student.features)
+    if nt != ns:
+        raise ValueError(
+            f"{method}: teacher has {nt} pyramid levels ({teacher.level_names}), student {ns} "
+            f"({student.level_names}); feature distillation needs the same levels"
+        )
+    for level, (ft, fs) in enumerate(zip(teacher.features, student.features)):
+        if ft.shape[0] != fs.shape[0] or ft.shape[-2:] != fs.shape[-2:]:
+            raise ValueError(
+                f"{method}: level {level} ({student.level_names[level]}) teacher map {tuple(ft.shape)} and "
+                f"student map {tuple(fs.shape)} differ in batch or spatial size"
+            )
+
+
+def check_adapters(adapters: nn.ModuleList, student: Taps, method: str) -> None:
+    """The pyramid of the batch must have as many levels as the adapters were built for."""
+    if len(adapters) != len(student.features):
+        raise ValueError(
+            f"{method}: built for {len(adapters)} pyramid levels, the student taps have "
+            f"{len(student.features)} ({student.level_names})"
+        )
+
+
+def graph_zero(tensors: list[Tensor]) -> Tensor:
+    """A float32 scalar 0 that depends on ``tensors``, so every parameter upstream still gets a (zero)
+    gradient: DistributedDataParallel expects the same parameters to be used on every step."""
+    total = tensors[0].new_zeros((), dtype=torch.float32)
+    for t in tensors:
+        total = total + t.float().sum() * 0.0
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ground-truth masks
+
+
+def box_mask(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
+    """(height, width) float 0/1 map of the cells of one level that overlap any of ``boxes`` (M, 4).
+
+    A box covers columns ``floor(x1 / s) .. ceil(x2 / s) - 1`` (and likewise rows), at least one cell, so
+    even a box smaller than a cell marks the cell it falls in.
+    """
+    mask = torch.zeros((height, width), dtype=torch.float32, device=boxes.device)
+    if boxes.numel() == 0:
+        return mask
+    b = boxes.detach().float() / stride
+    x1 = b[:, 0].floor().clamp(0, width - 1)
+    y1 = b[:, 1].floor().clamp(0, height - 1)
+    x2 = torch.maximum(b[:, 2].ceil().clamp(max=width), x1 + 1)
+    y2 = torch.maximum(b[:, 3].ceil().clamp(max=height), y1 + 1)
+    cols = torch.arange(width, device=boxes.device, dtype=torch.float32)
+    rows = torch.arange(height, device=boxes.device, dtype=torch.float32)
+    in_x = (cols[None, :] >= x1[:, None]) & (cols[None, :] < x2[:, None])  # (M, W)
+    in_y = (rows[None, :] >= y1[:, None]) & (rows[None, :] < y2[:, None])  # (M, H)
+    covered = (in_y[:, :, None] & in_x[:, None, :]).any(dim=0)
+    return covered.float()
+
+
+def box_masks(taps: Taps, boxes: list[Tensor]) -> list[Tensor]:
+    """Per level, (N, 1, H, W) 0/1 masks of the per-image ``boxes`` (transformed frame) on that level."""
+    masks = []
+    for feat, stride in zip(taps.features, taps.strides):
+        h, w = feat.shape[-2:]
+        masks.append(torch.stack([box_mask(b, h, w, stride) for b in boxes])[:, None])
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Anchors and the FGFI imitation mask
+
+
+def grid_anchors(height: int, width: int, stride: float, sizes: list[float], aspect_ratios: list[float],
+                 device: torch.device | str = "cpu") -> Tensor:
+    """Anchors of one level as (height * width * A, 4) xyxy, location-major: the layout and the rounding of
+    torchvision's ``AnchorGenerator`` (A = len(sizes) * len(aspect_ratios), aspect ratio = h / w)."""
+    scales = torch.as_tensor(sizes, dtype=torch.float32, device=device)
+    ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32, device=device)
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1.0 / h_ratios
+    ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
+    hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+    base = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # (A, 4) centred on 0
+    xs = torch.arange(width, dtype=torch.float32, device=device) * stride
+    ys = torch.arange(height, dtype=torch.float32, device=device) * stride
+    sy, sx = torch.meshgrid(ys, xs, indexing="ij")
+    shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4)
+    return (shifts + base[None]).reshape(-1, 4)
+
+
+def level_anchors(taps: Taps, image: int, sizes: list[float] | None = None,
+                  aspect_ratios: tuple[float, ...] | list[float] = (0.5, 1.0, 2.0)) -> list[Tensor]:
+    """Anchors of image ``image`` per level as (H * W, A_l, 4).
+
+    Uses ``taps.anchors`` split by ``taps.num_anchors_per_level`` when the taps carry them (RetinaNet, FCOS,
+    and Faster R-CNN if the taps record the RPN anchors); otherwise generates them with
+    :func:`grid_anchors` from ``sizes`` (one per level; ``None`` = 8 x stride, torchvision's Faster R-CNN
+    default 32..512 on strides 4..64) and ``aspect_ratios``.
+    """
+    shapes = [tuple(f.shape[-2:]) for f in taps.features]
+    out = []
+    if taps.anchors is not None:
+        if taps.num_anchors_per_level is None or len(taps.num_anchors_per_level) != len(shapes):
+            raise ValueError(
+                f"taps.num_anchors_per_level {taps.num_anchors_per_level} does not give one count per "
+                f"pyramid level ({len(shapes)} levels)"
+            )
+        chunks = taps.anchors[image].split(list(taps.num_anchors_per_level))
+        for level, (chunk, (h, w)) in enumerate(zip(chunks, shapes)):
+            if chunk.shape[0] % (h * w) != 0:
+                raise ValueError(
+                    f"taps.anchors level {level}: {chunk.shape[0]} anchors is not a multiple of the "
+                    f"{h}x{w} feature map"
+                )
+            out.append(chunk.reshape(h * w, -1, 4))
+        return out
+    if sizes is not None and len(sizes) != len(shapes):
+        raise ValueError(f"anchor sizes {list(sizes)} must give one size per pyramid level ({len(shapes)})")
+    device = taps.features[0].device
+    for level, ((h, w), stride) in enumerate(zip(shapes, taps.strides)):
+        size = 8.0 * stride if sizes is None else float(sizes[level])
+        out.append(grid_anchors(h, w, stride, [size], list(aspect_ratios), device).reshape(h * w, -1, 4))
+    return out
+
+
+def imitation_masks(anchors: list[Tensor], shapes: list[tuple[int, int]], boxes: Tensor,
+                    factor: float = 0.5) -> list[Tensor]:
+    """FGFI near-object imitation mask of one image, per level (H, W) float 0/1 (Wang et al., CVPR 2019,
+    Sec. 3.1).
+
+    For every ground-truth box: the IoU with every anchor of every level, its maximum ``m`` over all
+    anchors, and the threshold ``factor * m``; a location is in the mask when any of its anchors reaches
+    the threshold of any box. With one level this is the paper's per-image IoU map; with a pyramid the
+    maximum is taken over all the detector's anchors, so each box marks the locations of the levels whose
+    anchors fit it. Boxes no anchor overlaps (max IoU 0) mark nothing.
+    """
+    masks = [torch.zeros(shape, dtype=torch.float32, device=boxes.device) for shape in shapes]
+    if boxes.shape[0] == 0:
+        return masks
+    gt = boxes.detach().float()
+    ious = [box_iou(a.reshape(-1, 4).float(), gt).reshape(a.shape[0], a.shape[1], -1) for a in anchors]
+    best = torch.stack([iou.amax(dim=(0, 1)) for iou in ious]).amax(dim=0)  # (M,)
+    thresh = factor * best
+    valid = best > 0
+    for level, iou in enumerate(ious):
+        hit = (iou >= thresh) & valid  # (HW, A, M)
+        masks[level] = hit.any(dim=2).any(dim=1).float().reshape(shapes[level])
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Softened KL divergences
+
+
+def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per row KL(p_t || p_s) of temperature-softened softmaxes, times T^2 (Hinton et al. 2015, Sec. 2:
+    the T^2 keeps gradient magnitudes comparable across temperatures). (R, K) -> (R,), float32."""
+    log_ps = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_pt = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature**2
+
+
+def sigmoid_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Element-wise binary KL(p_t || p_s) of temperature-softened sigmoids, times T^2 (the per-class
+    Bernoulli form of KD for sigmoid classifiers such as RetinaNet and FCOS). Same shape as the inputs."""
+    xs = student_logits.float() / temperature
+    xt = teacher_logits.detach().float() / temperature
+    pt = torch.sigmoid(xt)
+    # log p = logsigmoid(x), log(1 - p) = logsigmoid(-x): finite for any finite logit
+    kl = pt * (F.logsigmoid(xt) - F.logsigmoid(xs)) + (1 - pt) * (F.logsigmoid(-xt) - F.logsigmoid(-xs))
+    return kl * temperature**2
+
+
+def check_temperature(value: float, where: str) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{where}: temperature must be a positive number, got {value!r}")

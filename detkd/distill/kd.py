@@ -1,0 +1,96 @@
+"""Vanilla knowledge distillation on classification outputs (Hinton et al., "Distilling the Knowledge in a
+Neural Network", 2015).
+
+Hinton et al. (Sec. 2) match the temperature-softened class distributions of teacher and student and
+multiply by T^2 so the gradient scale does not depend on T. For detectors:
+
+- Faster R-CNN: the box head's softmax over num_classes + 1 (background included) on the student's
+  sampled RoIs, with the teacher's box head run on the same RoIs (``request().roi_outputs``):
+  ``kd_cls = weight * mean_RoIs KL(softmax(z_t / T) || softmax(z_s / T)) * T^2``.
+- RetinaNet / FCOS: per-class sigmoid outputs, so the per-class Bernoulli KL (summed over the foreground
+  classes 1..C, column 0 is never positive) averaged over anchors / points:
+  ``kd_cls = weight * mean_anchors sum_c KL(sigmoid(z_t,c / T) || sigmoid(z_s,c / T)) * T^2``.
+
+``samples``: ``auto`` (default) = all sampled RoIs for Faster R-CNN (they are already balanced 1:3 by the
+RoI sampler) and the positive anchors (``matched_idxs >= 0``) for one-stage detectors (the dense
+background would otherwise swamp the term); ``all`` / ``positive`` force one choice (positive RoIs:
+``roi_labels > 0``). ``class_reduction: mean`` averages over classes instead of summing (the variant of
+the global-knowledge authors' response loss). Default T = 2, the temperature of that response loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from detkd.distill.base import Distiller, register
+from detkd.distill.common import check_temperature, graph_zero, sigmoid_kl, softmax_kl
+from detkd.taps import TapRequest, Taps
+
+
+@dataclass
+class KDOptions:
+    weight: float = 1.0
+    temperature: float = 2.0
+    samples: Literal["auto", "all", "positive"] = "auto"
+    class_reduction: Literal["sum", "mean"] = "sum"
+
+
+def _mean_over(values: Tensor, keep: Tensor, anchor: Tensor) -> Tensor:
+    """Mean of ``values`` where ``keep``; an empty selection gives a graph-connected 0."""
+    keep = keep.float()
+    return (values * keep).sum() / keep.sum().clamp(min=1.0) + graph_zero([anchor])
+
+
+@register("kd")
+class KD(Distiller):
+    """Temperature-softened KL between teacher and student classification outputs."""
+
+    Options = KDOptions
+    archs = ("faster_rcnn", "retinanet", "fcos")
+
+    def __init__(self, opts: KDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
+        super().__init__(opts, teacher_channels, student_channels, arch)
+        check_temperature(opts.temperature, "kd.options.temperature")
+
+    def request(self) -> TapRequest:
+        if self.arch == "faster_rcnn":
+            return TapRequest(features=False, roi_outputs=True)
+        return TapRequest(features=False, dense_outputs=True)
+
+    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        T = self.opts.temperature
+        if self.arch == "faster_rcnn":
+            zs, zt = student.class_logits, teacher.class_logits
+            if zs is None or student.roi_labels is None:
+                raise ValueError("kd: the student taps have no class_logits / roi_labels")
+            if zt is None:
+                raise ValueError("kd: the teacher taps have no class_logits; request roi_outputs=True")
+            if zt.shape != zs.shape:
+                raise ValueError(f"kd: teacher class_logits {tuple(zt.shape)} != student {tuple(zs.shape)}")
+            kl = softmax_kl(zs, zt, T)
+            if self.opts.class_reduction == "mean":
+                kl = kl / zs.shape[1]
+            labels = torch.cat(student.roi_labels)
+            keep = labels > 0 if self.opts.samples == "positive" else labels >= 0
+            return {"kd_cls": self.opts.weight * _mean_over(kl, keep, zs)}
+
+        zs, zt = student.cls_logits, teacher.cls_logits
+        if zs is None or student.matched_idxs is None:
+            raise ValueError("kd: the student taps have no cls_logits / matched_idxs")
+        if zt is None:
+            raise ValueError("kd: the teacher taps have no cls_logits; request dense_outputs=True")
+        if zt.shape != zs.shape:
+            raise ValueError(f"kd: teacher cls_logits {tuple(zt.shape)} != student {tuple(zs.shape)}")
+        matched = torch.stack(student.matched_idxs)  # (N, A)
+        if matched.shape != zs.shape[:2]:
+            raise ValueError(f"kd: matched_idxs {tuple(matched.shape)} do not match cls_logits {tuple(zs.shape)}")
+        keep = torch.ones_like(matched, dtype=torch.bool) if self.opts.samples == "all" else matched >= 0
+        # select first: the dense (N, A, C) KL would be mostly thrown away; column 0 is never a class
+        kl = sigmoid_kl(zs[keep][:, 1:], zt[keep][:, 1:], T)  # (P, C)
+        kl = kl.mean(dim=1) if self.opts.class_reduction == "mean" else kl.sum(dim=1)
+        loss = kl.sum() / max(kl.shape[0], 1) + graph_zero([zs])
+        return {"kd_cls": self.opts.weight * loss}

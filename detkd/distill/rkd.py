@@ -1,0 +1,141 @@
+"""RKD: relational knowledge distillation between instance embeddings (Park et al., "Relational Knowledge
+Distillation", CVPR 2019).
+
+Instances are the ground-truth boxes of the batch (``Taps.targets``, transformed frame), RoIAligned on
+their canonical pyramid level of each detector (:func:`detkd.taps.pool_boxes`) and global-average-pooled
+(``embedding: gap``) or flattened. Teacher and student embeddings may have different widths: RKD compares
+relations, not the embeddings themselves.
+
+- distance-wise loss (Sec. 3.2.1): psi_D(t_i, t_j) = ||t_i - t_j|| / mu, mu the mean distance over the
+  pairs i != j; Huber loss (delta = 1, i.e. smooth L1) between teacher and student psi_D, averaged over
+  the pairs i != j;
+- angle-wise loss (Sec. 3.2.2): psi_A(t_i, t_j, t_k) = <e_ij, e_kj>, e_ij = (t_i - t_j) / ||t_i - t_j||,
+  the cosine of the angle at t_j; Huber loss averaged over the triplets of distinct instances (the
+  authors' code averages over all N^3 index triplets, degenerate ones included, which only rescales).
+
+Weights 25 (distance) and 50 (angle) are the paper's for classification (Sec. 4.2), times ``weight``.
+``scope: batch`` relates all instances of the batch; ``image`` relates instances within each image and
+averages over images. Fewer than 2 (distance) / 3 (angle) instances contribute an exact 0. When a scope
+holds more than ``max_instances`` instances a random subset of that size is used (the angle loss costs
+O(N^2 D) memory and O(N^3) time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detkd.config import ConfigError
+from detkd.distill.base import Distiller, register
+from detkd.distill.common import graph_zero
+from detkd.taps import TapRequest, Taps, pool_boxes
+
+
+def _pair_distances(x: Tensor) -> Tensor:
+    """(N, D) -> (N, N) Euclidean distances; the clamp gives coincident points a zero, finite gradient."""
+    sq = (x[:, None, :] - x[None, :, :]).pow(2).sum(dim=-1)
+    return sq.clamp(min=1e-12).sqrt()
+
+
+def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Distance-wise RKD loss between (N, Ds) student and (N, Dt) teacher embeddings; 0 when N < 2."""
+    n = student.shape[0]
+    if n < 2:
+        return student.new_zeros((), dtype=torch.float32)
+    off = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    with torch.no_grad():
+        dt = _pair_distances(teacher.float())[off]
+        dt = dt / dt.mean().clamp(min=1e-12)
+    ds = _pair_distances(student.float())[off]
+    ds = ds / ds.mean().clamp(min=1e-12)
+    return F.smooth_l1_loss(ds, dt, beta=1.0)
+
+
+def _angles(x: Tensor) -> Tensor:
+    """(N, D) -> (N, N, N) with [j, i, k] = cosine of the angle at x_j between x_i and x_k."""
+    e = F.normalize(x[None, :, :] - x[:, None, :], p=2, dim=2)  # e[j, i] = unit(x_i - x_j)
+    return torch.bmm(e, e.transpose(1, 2))
+
+
+def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Angle-wise RKD loss between (N, Ds) student and (N, Dt) teacher embeddings; 0 when N < 3."""
+    n = student.shape[0]
+    if n < 3:
+        return student.new_zeros((), dtype=torch.float32)
+    eye = torch.eye(n, dtype=torch.bool, device=student.device)
+    distinct = ~(eye[:, :, None] | eye[:, None, :] | eye[None, :, :])  # j != i, j != k, i != k
+    with torch.no_grad():
+        at = _angles(teacher.float())[distinct]
+    a_s = _angles(student.float())[distinct]
+    return F.smooth_l1_loss(a_s, at, beta=1.0)
+
+
+@dataclass
+class RKDOptions:
+    weight: float = 1.0
+    distance_weight: float = 25.0
+    angle_weight: float = 50.0
+    embedding: Literal["gap", "flatten"] = "gap"
+    pool_size: int = 7
+    scope: Literal["batch", "image"] = "batch"
+    max_instances: int = 64
+
+
+@register("rkd")
+class RKD(Distiller):
+    """``rkd_distance`` and ``rkd_angle`` terms (an angle weight of 0 drops the angle term)."""
+
+    Options = RKDOptions
+    archs = ("faster_rcnn", "retinanet", "fcos")
+
+    def __init__(self, opts: RKDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
+        super().__init__(opts, teacher_channels, student_channels, arch)
+        if opts.pool_size < 1:
+            raise ConfigError(f"rkd.options.pool_size: must be >= 1, got {opts.pool_size}")
+        if opts.max_instances < 3:
+            raise ConfigError(f"rkd.options.max_instances: must be >= 3, got {opts.max_instances}")
+
+    def request(self) -> TapRequest:
+        return TapRequest(features=True)
+
+    def embed(self, taps: Taps, boxes: list[Tensor]) -> Tensor:
+        pooled = pool_boxes(taps, boxes, output_size=self.opts.pool_size).float()
+        if self.opts.embedding == "gap":
+            return pooled.mean(dim=(2, 3))
+        return pooled.flatten(1)
+
+    def _subset(self, n: int, device: torch.device) -> Tensor | None:
+        if n <= self.opts.max_instances:
+            return None
+        return torch.randperm(n, device=device)[: self.opts.max_instances]
+
+    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        boxes = [t["boxes"].detach() for t in student.targets]
+        es = self.embed(student, boxes)
+        et = self.embed(teacher, boxes)
+        if self.opts.scope == "batch":
+            groups = [torch.arange(es.shape[0], device=es.device)]
+        else:
+            counts = [int(b.shape[0]) for b in boxes]
+            groups = list(torch.arange(es.shape[0], device=es.device).split(counts))
+        dist_terms, angle_terms = [], []
+        for idx in groups:
+            keep = self._subset(idx.numel(), idx.device)
+            if keep is not None:
+                idx = idx[keep]
+            if idx.numel() >= 2:
+                dist_terms.append(rkd_distance_loss(es[idx], et[idx]))
+            if idx.numel() >= 3 and self.opts.angle_weight != 0:
+                angle_terms.append(rkd_angle_loss(es[idx], et[idx]))
+        zero = graph_zero(student.features)
+        out = {}
+        distance = torch.stack(dist_terms).mean() + zero if dist_terms else zero
+        out["rkd_distance"] = self.opts.weight * self.opts.distance_weight * distance
+        if self.opts.angle_weight != 0:
+            angle = torch.stack(angle_terms).mean() + zero if angle_terms else zero
+            out["rkd_angle"] = self.opts.weight * self.opts.angle_weight * angle
+        return out
