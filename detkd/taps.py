@@ -69,7 +69,7 @@ class Taps:
     box_deltas: Tensor | None = None  # (sum R_i, (num_classes + 1) * 4)
 
     # --- one-stage (RetinaNet, FCOS)
-    anchors: list[Tensor] | None = None  # per image (A, 4); FCOS: the anchor boxes around each point
+    anchors: list[Tensor] | None = None  # per image (A, 4); FCOS: boxes around each point; Faster R-CNN: RPN anchors
     num_anchors_per_level: list[int] | None = None  # A split by level (per image)
     cls_logits: Tensor | None = None  # (N, A, num_classes + 1) sigmoid logits; column 0 never positive
     bbox_regression: Tensor | None = None  # (N, A, 4)
@@ -275,6 +275,10 @@ def tap_student(model: nn.Module, images: ImageList, targets: list[dict[str, Ten
         class_logits, box_deltas = rh.box_predictor(embeddings)
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_deltas, labels, regression_targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **rpn_losses}
+        # the RPN's anchors too (recomputed: rpn.forward does not return them), for anchor-based masks
+        taps.anchors = model.rpn.anchor_generator(images, taps.features)
+        taps.num_anchors_per_level = [f.shape[-2] * f.shape[-1] * a for f, a in
+                                      zip(taps.features, model.rpn.anchor_generator.num_anchors_per_location())]
         taps.proposals = proposals
         taps.rois = rois
         taps.roi_labels = labels

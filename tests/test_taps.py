@@ -114,7 +114,11 @@ def test_student_losses_equal_torchvision_forward(arch):
         pos = taps.roi_labels[0] > 0
         gt_labels = tt[0]["labels"][taps.roi_matched_gt[0][pos]]
         assert torch.equal(gt_labels, taps.roi_labels[0][pos])
-        assert len(taps.proposals) == 2 and taps.anchors is None
+        assert len(taps.proposals) == 2
+        # the RPN anchors: 3 ratios per location on every level, as model.rpn computes them
+        rpn_anchors = model.rpn.anchor_generator(image_list, taps.features)
+        assert all(torch.equal(a, b) for a, b in zip(taps.anchors, rpn_anchors))
+        assert taps.num_anchors_per_level == [f.shape[-2] * f.shape[-1] * 3 for f in taps.features]
     else:
         assert taps.strides == [8, 16, 32, 64, 128]
         a = taps.anchors[0].shape[0]
