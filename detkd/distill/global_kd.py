@@ -1,0 +1,668 @@
+"""Global-knowledge distillation (Tang et al., "Distilling Object Detectors with Global Knowledge", ECCV 2022):
+the robust distillation module (RDM, Eq. 6-9) on prototypes chosen by PGM (Alg. 1), refreshed every
+``refresh_every`` epochs (Alg. 2), and the Table 4 "+prototypes" variants of DeFeat, vanilla KD and RKD.
+
+Registered names: ``global`` (the method), ``defeat_proto``, ``kd_proto``, ``rkd_proto``.
+
+Per training batch, every instance (a ground-truth box by default) is pooled on every pyramid level
+(:func:`detkd.distill.prototypes.instance_features`), in both detectors. On level l an instance of class c
+is projected on that class's level-l prototypes, in each space, by the sequential coupled coefficients of
+Eq. 5 (:func:`detkd.distill.pgm.project`): Lambda^t, Lambda^s (K_c,). The teacher side and the prototypes
+are constants; gradients reach the student through its instance features (and the adapters).
+
+Decisions (the paper leaves them open; each documented where it is made):
+
+- sigma_{i,j} (Eq. 8): i = image, j = instance in it (the paper's Eq. 6 indexing). Since "PGM and RDM are
+  applied on each pyramid level independently", sigma is computed per (instance, level):
+  sigma = 1 - ||Lambda^s - Lambda^t||_2, detached and clamped to [0, 1] (``sigma="paper"``). A loss tied
+  to one place of the pyramid (an RoI, an anchor) uses the sigma of its instance on the instance's
+  canonical FPN level (:func:`detkd.taps.box_levels`). An instance whose class has no prototype yet gets
+  sigma = 1 and contributes 0 to L_global. ``sigma="cosine_max"`` (authors' code): 1 - |max_k cos(f^s,
+  p_k^s) - max_k cos(f^t, p_k^t)| over the class's prototypes, detached, not clamped.
+- Levels: each level's loss is an independent RDM term; the levels' terms are summed.
+- L_global (Eq. 6): per level sum_inst sigma ||Lambda^s - Lambda^t||^2 / K_c, divided by 2N (N = all
+  instances of the batch). ``global_loss="cosine_all"`` (authors' unused global loss): cosine similarity
+  of an instance to the prototypes of ALL classes, smooth-L1 between the student and teacher rows (mean
+  over the row), rows weighted by sigma, averaged over instances (the authors weighted it by 5: set
+  ``a_global: 5``).
+- L_local_feat (Eq. 7): FGFI-style near-object region = the feature cells each instance box covers on
+  every level (start floored, end ceiled: at least one cell); cell weight = the largest sigma of the boxes
+  covering it; per level sum_cells w ||H(f^s) - f^t||^2 / (2 * number of covered cells) (FGFI's 1/(2 N_p)
+  normalisation), H = 1x1 conv + ReLU (paper; note FPN outputs are signed). ``feat_loss="defeat"``
+  (authors' code): on each level only the boxes assigned to it, foreground sum w d^2 / (2 sum w) with
+  weight ``defeat_fg`` (1), background (cells no box covers) sum d^2 / (2 count) with ``defeat_bg`` (4),
+  usually with ``adapter="conv3x3"`` (no ReLU).
+- L_local_resp: KL(teacher || student), temperature ``temperature`` (the paper gives none; the authors
+  use 2), times T^2. Faster R-CNN: softmax over the box head's num_classes + 1 logits on the student's
+  sampled RoIs (the teacher's box head runs on the same RoIs); a positive RoI weighs the sigma of its
+  matched instance, a negative RoI weighs 1 (``resp_rois="all"``, the paper's "proposals") or is left out
+  (``"positive"``, the authors' code); averaged over the RoIs used. RetinaNet / FCOS: per-class sigmoid
+  KL over classes 1..C on the positive anchors / points (``matched_idxs >= 0``), each weighted by the
+  sigma of its matched ground truth, averaged over positives. ``kl_class_mean`` averages over classes
+  instead of summing (authors).
+- ``instances="positive_proposals"`` (Faster R-CNN, authors' code): the instances of a batch are the
+  student's positive sampled RoIs with their assigned labels instead of the ground-truth boxes.
+
+Eq. 9: L = L_det + a_global L_global + a_feat L_local_feat + a_resp L_local_resp, (1, 1, 5). A term is
+switched off (Table 3 ablation) by ``use_global`` / ``use_feat`` / ``use_resp: false`` or a zero weight.
+The authors' linear decay of every distillation term, (1 - epoch / epochs), is the run-level engine option
+``distill.decay``.
+
+The engine must call :meth:`on_epoch_start` before every epoch (epoch 0 included): it (re)selects the
+prototypes when due. ``stats`` holds the last batch's statistics for logging: ``sigma_mean``,
+``sigma_min`` (over the instance-levels whose class has prototypes) and ``proto_covered`` (that fraction).
+The prototypes are part of ``state_dict()`` (``get_extra_state``), so a resumed run continues without
+reselecting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detkd.config import ConfigError
+from detkd.distill.base import DistillContext, Distiller, register
+from detkd.distill.common import (
+    build_adapters,
+    check_pyramids,
+    check_temperature,
+    graph_zero,
+    sigmoid_kl,
+    softmax_kl,
+)
+from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features
+from detkd.taps import TapRequest, Taps, box_levels, pool_levels
+
+GeneratorName = Literal[
+    "pgm", "kmeans_teacher", "kmeans_student", "dbscan_teacher", "dbscan_student", "ambiguous", "random"
+]
+
+
+@dataclass
+class PrototypeOptions:
+    """Options shared by every distiller that uses prototypes (bank, schedule, relations, sigma)."""
+
+    k: int = 10  # prototypes per class per level (K)
+    lam: float = 10.0  # lambda of Eq. 2 / 5
+    refresh_every: int = 1  # T of Alg. 2, in epochs
+    generator: GeneratorName = "pgm"  # Table 6
+    normalize: bool = False  # L2-normalise features for selection and projection (authors: true)
+    allow_repeats: bool = True  # PGM may pick an instance twice (authors' code)
+    prefilter: bool = False  # PGM candidates: the authors' density pre-filter
+    max_candidates: int | None = None  # PGM: random subset of candidates
+    extraction: Literal["roi_align", "crop_mean"] = "roi_align"  # authors: crop_mean
+    roi_size: int = 7  # RoIAlign output size (extraction roi_align)
+    min_box: float = 0.0  # bank: drop boxes narrower / lower than this (px); authors: 30
+    max_images_per_class: int = 800  # bank: at most this many images per class (authors: 800; 0 = all)
+    seed: int = 0
+    dbscan_eps: float = 0.0  # 0 = automatic (see prototypes.dbscan_labels)
+    dbscan_min_samples: int = 5
+    sigma: Literal["paper", "cosine_max"] = "paper"
+    instances: Literal["gt", "positive_proposals"] = "gt"
+
+
+@dataclass
+class GlobalOptions(PrototypeOptions):
+    a_global: float = 1.0  # Eq. 9 alpha_1
+    a_feat: float = 1.0  # alpha_2
+    a_resp: float = 5.0  # alpha_3
+    use_global: bool = True
+    use_feat: bool = True
+    use_resp: bool = True
+    global_loss: Literal["paper", "cosine_all"] = "paper"
+    feat_loss: Literal["paper", "defeat"] = "paper"
+    adapter: Literal["conv1x1_relu", "conv3x3"] = "conv1x1_relu"
+    defeat_fg: float = 1.0  # feat_loss defeat: foreground / background weights (authors' code)
+    defeat_bg: float = 4.0
+    temperature: float = 2.0
+    kl_class_mean: bool = False
+    resp_rois: Literal["all", "positive"] = "all"  # Faster R-CNN: negatives weight 1, or left out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Instances and their relations to the prototypes
+
+
+@dataclass
+class Instances:
+    """The instances of one batch: boxes per image (transformed frame) and, flattened in image order,
+    their labels and canonical levels. ``gt_offsets[b]`` is where image b's ground truth starts
+    (``instances="gt"``); ``roi_positions`` is each instance's row among the concatenated RoIs
+    (``instances="positive_proposals"``)."""
+
+    boxes: list[Tensor]
+    labels: Tensor
+    level: Tensor
+    gt_offsets: list[int]
+    roi_positions: Tensor | None = None
+
+    @property
+    def num(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class LevelRelations:
+    """One pyramid level: pooled instance features and, per class with prototypes, the coordinates.
+
+    ``groups``: (instance indices, Lambda^t (n, K_c), Lambda^s (n, K_c), prototypes).
+    """
+
+    ft: Tensor  # (N, Dt), constant
+    fs: Tensor  # (N, Ds), differentiable
+    groups: list[tuple[Tensor, Tensor, Tensor, Prototypes]]
+
+
+def paper_sigma(lam_t: Tensor, lam_s: Tensor) -> Tensor:
+    """Eq. 8: sigma = 1 - ||Lambda^s - Lambda^t||_2 per row, detached and clamped to [0, 1]."""
+    return (1.0 - (lam_s.detach() - lam_t.detach()).norm(dim=1)).clamp(0.0, 1.0)
+
+
+def cosine_max_sigma(ft: Tensor, fs: Tensor, proto_t: Tensor, proto_s: Tensor) -> Tensor:
+    """Authors' sigma: 1 - |max_k cos(f^s, p_k^s) - max_k cos(f^t, p_k^t)| per row, detached, not clamped."""
+    cs = F.normalize(fs.detach(), dim=1) @ F.normalize(proto_s, dim=1).T
+    ct = F.normalize(ft.detach(), dim=1) @ F.normalize(proto_t, dim=1).T
+    return 1.0 - (cs.max(dim=1).values - ct.max(dim=1).values).abs()
+
+
+def paper_global_terms(groups: list[tuple[Tensor, Tensor, Tensor, Prototypes]], sigma: Tensor) -> Tensor:
+    """Eq. 6 numerator of one level: sum over instances of sigma ||Lambda^s - Lambda^t||^2 / K_c."""
+    total = sigma.new_zeros(())
+    for idx, lt, ls, _ in groups:
+        sq = ((ls - lt) ** 2).sum(dim=1) / lt.shape[1]
+        total = total + (sigma[idx] * sq).sum()
+    return total
+
+
+def cosine_all_terms(ft: Tensor, fs: Tensor, proto_t: Tensor, proto_s: Tensor, sigma: Tensor) -> Tensor:
+    """Authors' global loss on one level: sum over instances of sigma * mean_k smoothL1(cos(f^s, P^s_k),
+    cos(f^t, P^t_k)) over the prototypes P of ALL classes."""
+    rs = F.normalize(fs, dim=1) @ F.normalize(proto_s, dim=1).T
+    rt = F.normalize(ft, dim=1) @ F.normalize(proto_t, dim=1).T
+    rows = F.smooth_l1_loss(rs, rt.detach(), reduction="none").mean(dim=1)
+    return (sigma * rows).sum()
+
+
+def _cell_ranges(boxes: Tensor, stride: float, height: int, width: int) -> tuple[Tensor, ...]:
+    """Cells covered by each box: columns x0..x1-1, rows y0..y1-1 (start floored, end ceiled, >= 1 cell)."""
+    b = boxes.detach().float() / stride
+    x0 = b[:, 0].floor().clamp(0, width - 1)
+    y0 = b[:, 1].floor().clamp(0, height - 1)
+    x1 = torch.maximum(b[:, 2].ceil().clamp(max=width), x0 + 1)
+    y1 = torch.maximum(b[:, 3].ceil().clamp(max=height), y0 + 1)
+    return x0, y0, x1, y1
+
+
+def weighted_box_map(boxes: Tensor, weights: Tensor, height: int, width: int, stride: float) -> tuple[Tensor, Tensor]:
+    """For one image and level: (H, W) map of the largest weight of the boxes covering each cell (0 where
+    none does) and the (H, W) bool coverage."""
+    if boxes.shape[0] == 0:
+        z = torch.zeros((height, width), device=boxes.device)
+        return z, z.bool()
+    x0, y0, x1, y1 = _cell_ranges(boxes, stride, height, width)
+    cols = torch.arange(width, device=boxes.device, dtype=torch.float32)
+    rows = torch.arange(height, device=boxes.device, dtype=torch.float32)
+    in_x = (cols[None] >= x0[:, None]) & (cols[None] < x1[:, None])
+    in_y = (rows[None] >= y0[:, None]) & (rows[None] < y1[:, None])
+    inside = in_y[:, :, None] & in_x[:, None, :]  # (M, H, W)
+    w = (inside.float() * weights.detach().float()[:, None, None]).amax(dim=0)
+    return w, inside.any(dim=0)
+
+
+def level_masks(
+    taps: Taps, inst: Instances, sigma: Tensor, level: int, only_assigned: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(N_img, H, W) sigma-weighted box map and coverage of the instances on ``level``.
+
+    ``sigma`` (N,) weighs each instance; ``only_assigned`` keeps the instances whose canonical level is
+    ``level``.
+    """
+    h, w = taps.features[level].shape[-2:]
+    stride = float(taps.strides[level])
+    maps, covers = [], []
+    start = 0
+    for boxes in inst.boxes:
+        n = boxes.shape[0]
+        s = sigma[start : start + n]
+        keep = inst.level[start : start + n] == level if only_assigned else torch.ones_like(s, dtype=torch.bool)
+        m, c = weighted_box_map(boxes[keep], s[keep], h, w, stride)
+        maps.append(m)
+        covers.append(c)
+        start += n
+    return torch.stack(maps), torch.stack(covers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared base: bank, schedule, persistence, per-batch relations
+
+
+class PrototypeDistiller(Distiller):
+    """Base of the distillers that use prototypes: owns the :class:`PrototypeBank`, refreshes it every
+    ``refresh_every`` epochs from :meth:`on_epoch_start`, and computes per-batch relations and sigma."""
+
+    Options = PrototypeOptions
+
+    def __init__(self, opts: PrototypeOptions, teacher_channels: list[int], student_channels: list[int],
+                 arch: str):
+        super().__init__(opts, teacher_channels, student_channels, arch)
+        where = f"{self.name}.options"
+        checks = [
+            ("k", opts.k >= 1), ("lam", opts.lam >= 0), ("refresh_every", opts.refresh_every >= 1),
+            ("roi_size", opts.roi_size >= 1), ("min_box", opts.min_box >= 0),
+            ("max_images_per_class", opts.max_images_per_class >= 0),
+            ("max_candidates", opts.max_candidates is None or opts.max_candidates >= 1),
+            ("dbscan_min_samples", opts.dbscan_min_samples >= 1),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"{where}.{key}: invalid value {getattr(opts, key)!r}")
+        if opts.instances == "positive_proposals" and arch != "faster_rcnn":
+            raise ConfigError(
+                f"{where}.instances: 'positive_proposals' needs a two-stage detector (faster_rcnn), got {arch}"
+            )
+        if len(teacher_channels) != len(student_channels):
+            raise ConfigError(
+                f"{where}: teacher has {len(teacher_channels)} pyramid levels, student {len(student_channels)}; "
+                "prototypes are per level and need the same levels in both detectors"
+            )
+        gen_opts: dict[str, Any] = {}
+        if opts.generator == "pgm":
+            gen_opts = {"normalize": opts.normalize, "allow_repeats": opts.allow_repeats,
+                        "prefilter": opts.prefilter, "max_candidates": opts.max_candidates}
+        elif opts.generator.startswith("dbscan"):
+            gen_opts = {"dbscan_eps": opts.dbscan_eps, "dbscan_min_samples": opts.dbscan_min_samples}
+        self.bank = PrototypeBank(
+            opts.k, opts.lam, opts.generator, extraction=opts.extraction, roi_size=opts.roi_size,
+            min_box=opts.min_box, max_images_per_class=opts.max_images_per_class, seed=opts.seed,
+            gen_opts=gen_opts,
+        )
+        self.refreshed_epoch = -1
+        self.stats: dict[str, float] = {}
+
+    # -- Alg. 2 schedule
+    def on_epoch_start(self, context: DistillContext) -> None:
+        """Reselect the prototypes before epoch ``e`` when e % T == 0 (Alg. 2 line 3), or when there are
+        none yet; never twice for the same epoch (a resumed run keeps the checkpoint's prototypes)."""
+        due = self.bank.is_empty() or context.epoch % self.opts.refresh_every == 0
+        if due and self.refreshed_epoch != context.epoch:
+            self.bank.refresh(context)
+            self.refreshed_epoch = context.epoch
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"bank": self.bank.state(), "refreshed_epoch": self.refreshed_epoch}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.bank.load_state(state["bank"])
+        self.refreshed_epoch = int(state.get("refreshed_epoch", -1))
+
+    # -- per batch
+    def instances(self, student: Taps, targets: list[dict[str, Tensor]]) -> Instances:
+        """Ground-truth boxes (default) or the student's positive sampled RoIs (``positive_proposals``)."""
+        first = int(round(math.log2(student.strides[0])))
+        num_levels = pool_levels(student)  # canonical levels as MultiScaleRoIAlign (not Faster R-CNN's "pool")
+        device = student.features[0].device
+        if self.opts.instances == "positive_proposals":
+            if student.rois is None or student.roi_labels is None:
+                raise ValueError(f"{self.name}: instances 'positive_proposals' but the student taps have no rois")
+            boxes, labels, positions = [], [], []
+            start = 0
+            for rois, lab in zip(student.rois, student.roi_labels):
+                pos = torch.nonzero(lab > 0).squeeze(1)
+                boxes.append(rois[pos].detach())
+                labels.append(lab[pos])
+                positions.append(pos + start)
+                start += rois.shape[0]
+            offsets = [0] * len(boxes)
+            roi_positions: Tensor | None = torch.cat(positions) if positions else None
+        else:
+            if len(targets) != len(student.features[0]):
+                raise ValueError(f"{self.name}: {len(targets)} targets for a batch of {len(student.features[0])}")
+            boxes = [t["boxes"].detach() for t in targets]
+            labels = [t["labels"] for t in targets]
+            offsets, acc = [], 0
+            for b in boxes:
+                offsets.append(acc)
+                acc += int(b.shape[0])
+            roi_positions = None
+        all_boxes = torch.cat(boxes) if boxes else torch.zeros((0, 4), device=device)
+        level = (box_levels(all_boxes, num_levels, first) if all_boxes.shape[0]
+                 else torch.zeros(0, dtype=torch.int64, device=device))
+        lab = torch.cat(labels).to(torch.int64) if labels else torch.zeros(0, dtype=torch.int64, device=device)
+        return Instances(boxes, lab, level, offsets, roi_positions)
+
+    def relations(self, teacher: Taps, student: Taps, inst: Instances) -> list[LevelRelations]:
+        """Per level: pooled features and Eq. 5 coordinates of every instance whose class has prototypes."""
+        from detkd.distill.pgm import project
+
+        opts = self.opts
+        out = []
+        device = student.features[0].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            for lv in range(len(student.features)):
+                ft = instance_features(teacher, inst.boxes, lv, opts.extraction, opts.roi_size).detach().float()
+                fs = instance_features(student, inst.boxes, lv, opts.extraction, opts.roi_size).float()
+                groups = []
+                for c in inst.labels.unique().tolist():
+                    p = self.bank.get(lv, int(c), device)
+                    if p is None or p.indices.numel() == 0:
+                        continue
+                    idx = torch.nonzero(inst.labels == c).squeeze(1)
+                    lt, ls = project(ft[idx], fs[idx], p.teacher, p.student, opts.lam, normalize=opts.normalize)
+                    groups.append((idx, lt.detach(), ls, p))
+                out.append(LevelRelations(ft, fs, groups))
+        return out
+
+    def sigmas(self, rels: list[LevelRelations], n: int, device: torch.device) -> Tensor:
+        """(L, N) sigma of every instance on every level (1 where its class has no prototype)."""
+        sig = torch.ones((len(rels), n), device=device)
+        for lv, rel in enumerate(rels):
+            for idx, lt, ls, p in rel.groups:
+                if self.opts.sigma == "paper":
+                    sig[lv, idx] = paper_sigma(lt, ls)
+                else:
+                    sig[lv, idx] = cosine_max_sigma(rel.ft[idx], rel.fs[idx], p.teacher, p.student)
+        return sig
+
+    def record_stats(self, rels: list[LevelRelations], sig: Tensor) -> None:
+        has = torch.zeros_like(sig, dtype=torch.bool)
+        for lv, rel in enumerate(rels):
+            for idx, *_ in rel.groups:
+                has[lv, idx] = True
+        vals = sig[has]
+        self.stats = {
+            "sigma_mean": float(vals.mean()) if vals.numel() else 1.0,
+            "sigma_min": float(vals.min()) if vals.numel() else 1.0,
+            "proto_covered": float(has.float().mean()) if has.numel() else 0.0,
+        }
+
+    def roi_weights(self, student: Taps, inst: Instances, sigma_inst: Tensor) -> Tensor:
+        """Faster R-CNN: per sampled RoI, the sigma of its instance if positive, 1 if negative."""
+        labels = torch.cat(student.roi_labels)
+        w = torch.ones(labels.shape[0], device=labels.device)
+        if inst.roi_positions is not None:
+            w[inst.roi_positions] = sigma_inst
+            return w
+        if student.roi_matched_gt is None:
+            raise ValueError(f"{self.name}: the student taps have no roi_matched_gt")
+        matched = torch.cat([m + off for m, off in zip(student.roi_matched_gt, inst.gt_offsets)])
+        pos = labels > 0
+        w[pos] = sigma_inst[matched[pos]]
+        return w
+
+    def anchor_weights(self, student: Taps, inst: Instances, sigma_inst: Tensor) -> tuple[Tensor, Tensor]:
+        """One-stage: (positive mask (N_img, A), sigma of the matched instance of each positive anchor)."""
+        if student.matched_idxs is None:
+            raise ValueError(f"{self.name}: the student taps have no matched_idxs")
+        matched = torch.stack(student.matched_idxs)
+        pos = matched >= 0
+        offsets = torch.tensor(inst.gt_offsets, device=matched.device)[:, None]
+        return pos, sigma_inst[(matched + offsets)[pos]]
+
+
+def _check_logits(teacher: Taps, student: Taps, arch: str, method: str) -> tuple[Tensor, Tensor]:
+    if arch == "faster_rcnn":
+        zs, zt, what, req = student.class_logits, teacher.class_logits, "class_logits", "roi_outputs"
+    else:
+        zs, zt, what, req = student.cls_logits, teacher.cls_logits, "cls_logits", "dense_outputs"
+    if zs is None:
+        raise ValueError(f"{method}: the student taps have no {what}")
+    if zt is None:
+        raise ValueError(f"{method}: the teacher taps have no {what}; request {req}=True")
+    if zt.shape != zs.shape:
+        raise ValueError(f"{method}: teacher {what} {tuple(zt.shape)} != student {tuple(zs.shape)}")
+    return zs, zt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# global: RDM (Eq. 6-9)
+
+
+@register("global")
+class GlobalKD(PrototypeDistiller):
+    """RDM of the global-knowledge method (module docstring): L_global, L_local_feat, L_local_resp."""
+
+    Options = GlobalOptions
+    archs = ("faster_rcnn", "retinanet", "fcos")
+
+    def __init__(self, opts: GlobalOptions, teacher_channels: list[int], student_channels: list[int],
+                 arch: str):
+        super().__init__(opts, teacher_channels, student_channels, arch)
+        check_temperature(opts.temperature, "global.options.temperature")
+        self.use_global = opts.use_global and opts.a_global != 0
+        self.use_feat = opts.use_feat and opts.a_feat != 0
+        self.use_resp = opts.use_resp and opts.a_resp != 0
+        if self.use_feat:
+            kind, relu = ("conv1x1", True) if opts.adapter == "conv1x1_relu" else ("conv3x3", False)
+            self.adapters = build_adapters(student_channels, teacher_channels, kind, relu=relu,
+                                           where="global.options.adapter")
+
+    def request(self) -> TapRequest:
+        two_stage = self.arch == "faster_rcnn"
+        return TapRequest(features=True, roi_outputs=self.use_resp and two_stage,
+                          dense_outputs=self.use_resp and not two_stage)
+
+    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        check_pyramids(teacher, student, "global")
+        opts = self.opts
+        device = student.features[0].device
+        inst = self.instances(student, targets)
+        rels = self.relations(teacher, student, inst)
+        sig = self.sigmas(rels, inst.num, device)  # (L, N)
+        self.record_stats(rels, sig)
+        n = max(inst.num, 1)
+        anchor = graph_zero(list(student.features))
+        out: dict[str, Tensor] = {}
+
+        if self.use_global:
+            total = anchor
+            for lv, rel in enumerate(rels):
+                if opts.global_loss == "paper":
+                    total = total + paper_global_terms(rel.groups, sig[lv]) / (2.0 * n)
+                else:
+                    protos = self.bank.all_classes(lv, device)
+                    if protos is not None and inst.num:
+                        total = total + cosine_all_terms(rel.ft, rel.fs, protos[0], protos[1], sig[lv]) / n
+            out["loss_global"] = opts.a_global * total
+
+        if self.use_feat:
+            total = anchor
+            for lv, (adapter, fs_map, ft_map) in enumerate(zip(self.adapters, student.features, teacher.features)):
+                d2 = ((adapter(fs_map).float() - ft_map.detach().float()) ** 2).sum(dim=1)  # (N_img, H, W)
+                if opts.feat_loss == "paper":
+                    w, cover = level_masks(student, inst, sig[lv], lv)
+                    total = total + (w * d2).sum() / (2.0 * cover.sum().clamp(min=1))
+                else:
+                    w, cover = level_masks(student, inst, sig[lv], lv, only_assigned=True)
+                    bg = (~cover).float()
+                    total = total + opts.defeat_fg * (w * d2).sum() / (2.0 * w.sum()).clamp(min=1e-6)
+                    total = total + opts.defeat_bg * (bg * d2).sum() / (2.0 * bg.sum()).clamp(min=1.0)
+            out["loss_local_feat"] = opts.a_feat * total
+
+        if self.use_resp:
+            sigma_inst = sig[inst.level, torch.arange(inst.num, device=device)] if inst.num else sig.new_zeros(0)
+            out["loss_local_resp"] = opts.a_resp * self.response(teacher, student, inst, sigma_inst)
+        return out
+
+    def response(self, teacher: Taps, student: Taps, inst: Instances, sigma_inst: Tensor) -> Tensor:
+        """L_local_resp: sigma-weighted KL(teacher || student) (module docstring)."""
+        opts = self.opts
+        zs, zt = _check_logits(teacher, student, self.arch, "global")
+        if self.arch == "faster_rcnn":
+            kl = softmax_kl(zs, zt, opts.temperature)
+            if opts.kl_class_mean:
+                kl = kl / zs.shape[1]
+            w = self.roi_weights(student, inst, sigma_inst)
+            keep = torch.cat(student.roi_labels) > 0 if opts.resp_rois == "positive" else torch.ones_like(w).bool()
+            return (w * kl * keep).sum() / keep.sum().clamp(min=1) + graph_zero([zs])
+        pos, w = self.anchor_weights(student, inst, sigma_inst)
+        kl = sigmoid_kl(zs[pos][:, 1:], zt[pos][:, 1:], opts.temperature)  # (P, C), column 0 is never a class
+        kl = kl.mean(dim=1) if opts.kl_class_mean else kl.sum(dim=1)
+        return (w * kl).sum() / max(kl.shape[0], 1) + graph_zero([zs])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table 4: "+prototypes" variants of DeFeat, vanilla KD and RKD. Their math mirrors detkd.distill.defeat /
+# kd (same normalisations and defaults); the only change is the prototype-based weight or relation.
+
+
+@dataclass
+class DeFeatProtoOptions(PrototypeOptions):
+    fg_weight: float = 3.0
+    bg_weight: float = 12.0
+    adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv3x3"
+    roi: bool = True  # Faster R-CNN: decoupled RoI KD as well
+    roi_fg_weight: float = 2.0
+    roi_bg_weight: float = 2.0
+    temperature: float = 1.0
+
+
+@register("defeat_proto")
+class DeFeatProto(PrototypeDistiller):
+    """DeFeat + prototypes (Table 4): the foreground mask of the decoupled feature loss holds, on each
+    level, the sigma (Eq. 8) of the instance covering the cell (largest if several), and each positive
+    RoI's KL is weighted by the sigma of its instance on its canonical level. Background terms are DeFeat's.
+
+        defeat_proto_fg = fg_weight * mean_l sum w_l (A(S_l) - T_l)^2 / (2 * count(box cells_l) * C)
+        defeat_proto_roi_fg = roi_fg_weight * sum_{pos RoIs} sigma KL_T / count(pos RoIs)
+    """
+
+    Options = DeFeatProtoOptions
+    archs = ("faster_rcnn", "retinanet", "fcos")
+
+    def __init__(self, opts: DeFeatProtoOptions, teacher_channels: list[int], student_channels: list[int],
+                 arch: str):
+        super().__init__(opts, teacher_channels, student_channels, arch)
+        check_temperature(opts.temperature, "defeat_proto.options.temperature")
+        self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
+                                       where="defeat_proto.options.adapter")
+        self.use_roi = opts.roi and arch == "faster_rcnn"
+
+    def request(self) -> TapRequest:
+        return TapRequest(features=True, roi_outputs=self.use_roi)
+
+    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        check_pyramids(teacher, student, "defeat_proto")
+        opts = self.opts
+        device = student.features[0].device
+        inst = self.instances(student, targets)
+        rels = self.relations(teacher, student, inst)
+        sig = self.sigmas(rels, inst.num, device)
+        self.record_stats(rels, sig)
+        fg_terms, bg_terms = [], []
+        for lv, (adapter, fs_map, ft_map) in enumerate(zip(self.adapters, student.features, teacher.features)):
+            d2 = ((adapter(fs_map).float() - ft_map.detach().float()) ** 2).sum(dim=1)  # (N_img, H, W)
+            channels = ft_map.shape[1]
+            w, cover = level_masks(student, inst, sig[lv], lv)
+            bg = (~cover).float()
+            fg_terms.append((w * d2).sum() / (2.0 * cover.sum() * channels).clamp(min=1.0))
+            bg_terms.append((bg * d2).sum() / (2.0 * bg.sum() * channels).clamp(min=1.0))
+        out = {
+            "defeat_proto_fg": opts.fg_weight * torch.stack(fg_terms).mean(),
+            "defeat_proto_bg": opts.bg_weight * torch.stack(bg_terms).mean(),
+        }
+        if self.use_roi:
+            zs, zt = _check_logits(teacher, student, self.arch, "defeat_proto")
+            sigma_inst = sig[inst.level, torch.arange(inst.num, device=device)] if inst.num else sig.new_zeros(0)
+            kl = softmax_kl(zs, zt, opts.temperature)
+            w = self.roi_weights(student, inst, sigma_inst)
+            labels = torch.cat(student.roi_labels)
+            pos, neg = (labels > 0).float(), (labels == 0).float()
+            zero = graph_zero([zs])
+            out["defeat_proto_roi_fg"] = opts.roi_fg_weight * ((w * kl * pos).sum() / pos.sum().clamp(min=1) + zero)
+            out["defeat_proto_roi_bg"] = opts.roi_bg_weight * ((kl * neg).sum() / neg.sum().clamp(min=1) + zero)
+        return out
+
+
+@dataclass
+class KDProtoOptions(PrototypeOptions):
+    weight: float = 1.0
+    temperature: float = 2.0
+    samples: Literal["auto", "all", "positive"] = "auto"
+    class_reduction: Literal["sum", "mean"] = "sum"
+
+
+@register("kd_proto")
+class KDProto(PrototypeDistiller):
+    """Vanilla KD + prototypes (Table 4): the softened KL of every positive RoI / anchor is weighted by the
+    sigma (Eq. 8) of its instance on the instance's canonical level; negatives keep weight 1. Samples,
+    temperature and normalisation as :mod:`detkd.distill.kd` (``auto``: all sampled RoIs for Faster R-CNN,
+    positive anchors for one-stage detectors), i.e. ``kd_proto_cls = weight * sum w KL / count``."""
+
+    Options = KDProtoOptions
+    archs = ("faster_rcnn", "retinanet", "fcos")
+
+    def __init__(self, opts: KDProtoOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
+        super().__init__(opts, teacher_channels, student_channels, arch)
+        check_temperature(opts.temperature, "kd_proto.options.temperature")
+
+    def request(self) -> TapRequest:
+        two_stage = self.arch == "faster_rcnn"
+        return TapRequest(features=True, roi_outputs=two_stage, dense_outputs=not two_stage)
+
+    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        opts = self.opts
+        device = student.features[0].device
+        inst = self.instances(student, targets)
+        rels = self.relations(teacher, student, inst)
+        sig = self.sigmas(rels, inst.num, device)
+        self.record_stats(rels, sig)
+        sigma_inst = sig[inst.level, torch.arange(inst.num, device=device)] if inst.num else sig.new_zeros(0)
+        zs, zt = _check_logits(teacher, student, self.arch, "kd_proto")
+        if self.arch == "faster_rcnn":
+            kl = softmax_kl(zs, zt, opts.temperature)
+            if opts.class_reduction == "mean":
+                kl = kl / zs.shape[1]
+            w = self.roi_weights(student, inst, sigma_inst)
+            labels = torch.cat(student.roi_labels)
+            keep = (labels > 0 if opts.samples == "positive" else labels >= 0).float()
+            loss = (w * kl * keep).sum() / keep.sum().clamp(min=1) + graph_zero([zs])
+            return {"kd_proto_cls": opts.weight * loss}
+        pos, w_pos = self.anchor_weights(student, inst, sigma_inst)
+        if opts.samples == "all":
+            keep = torch.ones_like(pos)
+            w = torch.ones(pos.shape, device=zs.device)
+            w[pos] = w_pos
+            w = w[keep]
+        else:
+            keep, w = pos, w_pos
+        kl = sigmoid_kl(zs[keep][:, 1:], zt[keep][:, 1:], opts.temperature)  # (P, C)
+        kl = kl.mean(dim=1) if opts.class_reduction == "mean" else kl.sum(dim=1)
+        loss = (w * kl).sum() / max(kl.shape[0], 1) + graph_zero([zs])
+        return {"kd_proto_cls": opts.weight * loss}
+
+
+@dataclass
+class RKDProtoOptions(PrototypeOptions):
+    weight: float = 1.0
+
+
+@register("rkd_proto")
+class RKDProto(PrototypeDistiller):
+    """RKD + prototypes (Table 4): the relation of an instance is its projection on its class's prototypes
+    (Eq. 5 coordinates Lambda) instead of its distances to the other instances of the batch. As in RKD,
+    the student's relations match the teacher's under a Huber (smooth-L1) penalty:
+
+        rkd_proto = weight * sum_l (1/N) sum_i mean_k smoothL1(Lambda^s_ik, Lambda^t_ik)
+
+    (no sigma weighting; instances of classes without prototypes contribute 0).
+    """
+
+    Options = RKDProtoOptions
+    archs = ("faster_rcnn", "retinanet", "fcos")
+
+    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        device = student.features[0].device
+        inst = self.instances(student, targets)
+        rels = self.relations(teacher, student, inst)
+        self.record_stats(rels, self.sigmas(rels, inst.num, device))
+        n = max(inst.num, 1)
+        total = graph_zero(list(student.features))
+        for rel in rels:
+            for _, lt, ls, _ in rel.groups:
+                total = total + F.smooth_l1_loss(ls, lt, reduction="none").mean(dim=1).sum() / n
+        return {"rkd_proto": self.opts.weight * total}

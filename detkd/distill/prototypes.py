@@ -1,0 +1,609 @@
+"""Instance features, prototype generators and the prototype bank of the global-knowledge method.
+
+Prototypes (Tang et al., ECCV 2022, Sec. 3.1) are K instances of one class used as common basis vectors
+of the teacher and the student feature spaces: the same instance index in both spaces, so a prototype is
+a *pair* of vectors (g^t, g^s).
+
+Decisions this module makes (the paper leaves them open):
+
+- **Levels.** "For detectors with FPN ... we independently apply the PGM and the RDM on each of the
+  feature maps" (Sec. 3.3). Every ground-truth box is pooled on EVERY pyramid level, and prototypes are
+  selected per (level, class): level l's prototypes are instances' level-l vectors. (The authors' code
+  does the same: one vector per FPN level per box, prototypes per class per level.)
+- **Instance feature.** ``extraction="roi_align"`` (default): RoIAlign of the box on the level
+  (``roi_size`` x ``roi_size``) and a spatial mean -> one C-dim vector. ``"crop_mean"`` (authors'): the
+  mean of the feature cells covered by the box (start floored, end ceiled: at least one cell).
+- **Which instances build the bank** (Alg. 2 line 4): the ground-truth boxes of the non-augmented
+  training set, ignore (crowd / difficult) boxes excluded. ``min_box`` drops boxes narrower or lower
+  than that many pixels of the resized image (authors: 30; default 0 keeps all). ``max_images_per_class``
+  keeps at most that many images per class (authors: 800), chosen by a seeded hash of (image id,
+  class): the same images whatever the number of ranks or loader order (0 = all images).
+- **Teacher features** are computed once and cached (the teacher is fixed); the student's are recomputed
+  at every refresh for exactly the cached instances (matched by (image id, box index)).
+- **Distributed.** Every rank extracts its shard, :func:`detkd.engine.dist.all_gather_cat` joins them,
+  instances are sorted by key (and deduplicated: DistributedSampler pads by repeating images), so every
+  rank holds the same pool. The (level, class) selections are split across ranks and shared with
+  ``all_gather_objects``; nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from detkd.taps import Taps
+
+GENERATORS = (
+    "pgm",
+    "kmeans_teacher",
+    "kmeans_student",
+    "dbscan_teacher",
+    "dbscan_student",
+    "ambiguous",
+    "random",
+)
+
+# ----------------------------------------------------------------------------------------------------------
+# Instance features
+
+
+def _crop_mean(feature: Tensor, boxes: Tensor, image_index: Tensor, stride: float) -> Tensor:
+    """Mean of the cells a box covers on one map (N, C, H, W): start floored, end ceiled, >= 1 cell."""
+    h, w = feature.shape[-2:]
+    out = []
+    for b, i in zip((boxes / stride).tolist(), image_index.tolist()):
+        x0 = min(max(int(math.floor(b[0])), 0), w - 1)
+        y0 = min(max(int(math.floor(b[1])), 0), h - 1)
+        x1 = min(max(int(math.ceil(b[2])), x0 + 1), w)
+        y1 = min(max(int(math.ceil(b[3])), y0 + 1), h)
+        out.append(feature[i, :, y0:y1, x0:x1].mean(dim=(1, 2)))
+    if not out:
+        return feature.new_zeros((0, feature.shape[1]))
+    return torch.stack(out)
+
+
+def instance_features(
+    taps: Taps,
+    boxes: Sequence[Tensor],
+    level: int,
+    extraction: str = "roi_align",
+    roi_size: int = 7,
+) -> Tensor:
+    """One vector per box (sum M_i, C) pooled from pyramid level ``level`` of ``taps``.
+
+    ``boxes`` are per-image (M_i, 4) xyxy boxes in the transformed frame. Differentiable with respect to
+    the features (the student's gradients flow through it).
+    """
+    from detkd.taps import pool_boxes
+
+    if extraction == "roi_align":
+        levels = [torch.full((b.shape[0],), level, dtype=torch.int64, device=b.device) for b in boxes]
+        pooled = pool_boxes(taps, list(boxes), output_size=roi_size, levels=levels)
+        return pooled.mean(dim=(2, 3))
+    if extraction == "crop_mean":
+        feat = taps.features[level]
+        if len(boxes) == 0:
+            return feat.new_zeros((0, feat.shape[1]))
+        image_index = torch.cat([torch.full((b.shape[0],), i, dtype=torch.int64) for i, b in enumerate(boxes)])
+        return _crop_mean(feat, torch.cat(list(boxes)).float(), image_index, float(taps.strides[level]))
+    raise ValueError(f"extraction: {extraction!r} is not one of 'roi_align', 'crop_mean'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generators (Table 6)
+
+
+def _nearest_distinct(x: Tensor, centres: Tensor) -> Tensor:
+    """For each centre in turn, the nearest row of ``x`` not already taken (keeps prototypes distinct)."""
+    d = torch.cdist(centres.float(), x.float())
+    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    out = []
+    for row in d:
+        row = row.masked_fill(taken, float("inf"))
+        j = int(torch.argmin(row))
+        taken[j] = True
+        out.append(j)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def kmeans(x: Tensor, k: int, seed: int = 0, iters: int = 50) -> tuple[Tensor, Tensor]:
+    """Lloyd's K-means with k-means++ seeding; returns (centres (k, D), assignment (N,)).
+
+    Deterministic for a given ``seed``. An empty cluster is re-seeded at the point farthest from its
+    centre, so exactly ``k`` non-empty clusters come back when ``x`` has at least ``k`` distinct rows.
+    """
+    x = x.float()
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(n, (1,), generator=g))
+    centres = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:
+            j = int(torch.randint(n, (1,), generator=g))
+        else:
+            j = int(torch.multinomial((d2 / total).cpu(), 1, generator=g))
+        centres.append(x[j])
+        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
+    c = torch.stack(centres)
+    assign = torch.zeros(n, dtype=torch.int64, device=x.device)
+    for _ in range(iters):
+        dist = torch.cdist(x, c)
+        new = dist.argmin(1)
+        for j in range(k):
+            members = new == j
+            if members.any():
+                c[j] = x[members].mean(0)
+            else:  # re-seed an empty cluster at the worst-served point
+                far = int(dist.gather(1, new[:, None]).squeeze(1).argmax())
+                c[j] = x[far]
+                new[far] = j
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return c, assign
+
+
+def dbscan_labels(x: Tensor, eps: float = 0.0, min_samples: int = 5) -> Tensor:
+    """DBSCAN (Ester et al. 1996) cluster labels (N,), -1 = noise, via scikit-learn.
+
+    Euclidean distances on the features as given, like the K-means generator. ``eps=0`` picks it from the
+    data (so it follows the feature scale): the median distance to the ``min_samples``-th nearest neighbour.
+    """
+    from sklearn.cluster import DBSCAN
+
+    z = x.detach().double().cpu()
+    if eps <= 0:
+        d = torch.cdist(z, z)
+        kth = min(min_samples, z.shape[0] - 1)
+        eps = float(d.kthvalue(kth + 1, dim=1).values.median()) if kth > 0 else 1.0
+        eps = max(eps, 1e-6)
+    labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(z.numpy())
+    return torch.as_tensor(labels, dtype=torch.int64)
+
+
+def generate(
+    feat_t: Tensor,
+    feat_s: Tensor,
+    k: int,
+    method: str = "pgm",
+    *,
+    lam: float = 10.0,
+    seed: int = 0,
+    areas: Tensor | None = None,
+    dbscan_eps: float = 0.0,
+    dbscan_min_samples: int = 5,
+    **pgm_opts: Any,
+) -> Tensor:
+    """Indices (K',) int64 of the prototypes among N paired instances (``feat_t`` (N, Dt), ``feat_s`` (N, Ds)).
+
+    - ``pgm``: Alg. 1 (:func:`detkd.distill.pgm.select_prototypes`, ``lam`` and ``pgm_opts`` passed on);
+    - ``kmeans_teacher`` / ``kmeans_student``: K-means in one space, then the instance nearest each centre;
+    - ``dbscan_teacher`` / ``dbscan_student``: DBSCAN in one space, the instance nearest each cluster's
+      mean, largest clusters first, at most K (fewer when there are fewer clusters);
+    - ``ambiguous``: the K smallest instances by box area (``areas`` (N,) required);
+    - ``random``: K distinct instances drawn with ``seed``.
+    When N <= K every generator but ``pgm`` returns all N instances.
+    """
+    n = feat_t.shape[0]
+    if feat_s.shape[0] != n:
+        raise ValueError(f"generate: {n} teacher features but {feat_s.shape[0]} student features")
+    if method not in GENERATORS:
+        raise ValueError(f"generator: {method!r} is not one of {', '.join(GENERATORS)}")
+    if n == 0 or k <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if method == "pgm":
+        from detkd.distill.pgm import select_prototypes
+
+        return select_prototypes(feat_t, feat_s, k=k, lam=lam, **pgm_opts).indices.cpu().to(torch.int64)
+    if n <= k:
+        return torch.arange(n, dtype=torch.int64)
+    if method == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(n, generator=g)[:k].sort().values
+    if method == "ambiguous":
+        if areas is None or areas.shape[0] != n:
+            raise ValueError("generator 'ambiguous' needs areas (N,) of the instances' boxes")
+        return torch.argsort(areas.cpu().double(), stable=True)[:k]
+    x = feat_t if method.endswith("teacher") else feat_s
+    if method.startswith("kmeans"):
+        centres, _ = kmeans(x, k, seed=seed)
+        return _nearest_distinct(x, centres)
+    labels = dbscan_labels(x, eps=dbscan_eps, min_samples=dbscan_min_samples).to(x.device)
+    clusters = [c for c in labels.unique().tolist() if c >= 0]
+    if not clusters:  # everything is noise: treat the class as one cluster
+        labels = torch.zeros_like(labels)
+        clusters = [0]
+    clusters.sort(key=lambda c: (-int((labels == c).sum()), c))
+    centres = torch.stack([x[labels == c].float().mean(0) for c in clusters[:k]])
+    return _nearest_distinct(x, centres)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bank
+
+
+@dataclass
+class Prototypes:
+    """The prototypes of one class on one level: indices into the pooled instances and both vectors."""
+
+    indices: Tensor  # (K',) int64
+    teacher: Tensor  # (K', Dt)
+    student: Tensor  # (K', Ds)
+
+
+def _priority(seed: int, image_id: int, cls: int) -> int:
+    """A seeded pseudo-random 64-bit priority of (image, class) (splitmix64): order- and rank-independent."""
+    z = (seed * 0x9E3779B97F4A7C15 + image_id * 0xBF58476D1CE4E5B9 + cls * 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return z ^ (z >> 31)
+
+
+def _cap_images(keys: Tensor, labels: Tensor, cap: int, seed: int) -> Tensor:
+    """Boolean mask keeping the instances of at most ``cap`` images per class (lowest seeded priority)."""
+    keep = torch.ones(keys.shape[0], dtype=torch.bool)
+    if cap <= 0 or keys.shape[0] == 0:
+        return keep
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).squeeze(1)
+        images = keys[idx, 0].unique().tolist()
+        if len(images) <= cap:
+            continue
+        chosen = set(sorted(images, key=lambda i: _priority(seed, i, c))[:cap])
+        keep[idx] = torch.tensor([int(i) in chosen for i in keys[idx, 0].tolist()])
+    return keep
+
+
+def _sort_dedupe(keys: Tensor) -> Tensor:
+    """Order of rows sorted by (image id, box index) with repeated keys dropped."""
+    order = torch.argsort(keys[:, 1], stable=True)
+    order = order[torch.argsort(keys[order, 0], stable=True)]
+    k = keys[order]
+    first = torch.ones(k.shape[0], dtype=torch.bool)
+    first[1:] = (k[1:] != k[:-1]).any(1)
+    return order[first]
+
+
+def _concat(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join extraction chunks (keys, labels, areas, per-level features ``fs`` / ``ft`` or None)."""
+    out: dict[str, Any] = {k: torch.cat([c[k] for c in chunks]) for k in ("keys", "labels", "areas")}
+    for name in ("fs", "ft"):
+        out[name] = None
+        if chunks[0][name] is not None:
+            out[name] = [torch.cat([c[name][lv] for c in chunks]) for lv in range(len(chunks[0][name]))]
+    return out
+
+
+def _compact(chunks: list[dict[str, Any]], heaps: dict[int, list[tuple[int, int]]]) -> dict[str, Any]:
+    """One chunk holding only the instances whose (class, image) is still in the class's reservoir."""
+    alive = {(c, img) for c, heap in heaps.items() for _, img in heap}
+    joined = _concat(chunks)
+    keep = torch.tensor([(int(c), int(k)) in alive for c, k in zip(joined["labels"].tolist(),
+                                                                     joined["keys"][:, 0].tolist())],
+                        dtype=torch.bool)
+    out = {k: joined[k][keep] for k in ("keys", "labels", "areas")}
+    for name in ("fs", "ft"):
+        out[name] = None if joined[name] is None else [f[keep] for f in joined[name]]
+    return out
+
+
+class PrototypeBank:
+    """Prototypes per pyramid level per class, built by Alg. 2 line 4-5.
+
+    ``protos[level][cls]`` is a :class:`Prototypes` (classes with no instance have no entry). Build it
+    from a data loader with :meth:`refresh` or from precomputed features with :meth:`build_from_features`.
+    """
+
+    def __init__(
+        self,
+        k: int = 10,
+        lam: float = 10.0,
+        generator: str = "pgm",
+        *,
+        extraction: str = "roi_align",
+        roi_size: int = 7,
+        min_box: float = 0.0,
+        max_images_per_class: int = 800,
+        seed: int = 0,
+        gen_opts: dict[str, Any] | None = None,
+    ):
+        if generator not in GENERATORS:
+            raise ValueError(f"generator: {generator!r} is not one of {', '.join(GENERATORS)}")
+        if extraction not in ("roi_align", "crop_mean"):
+            raise ValueError(f"extraction: {extraction!r} is not one of 'roi_align', 'crop_mean'")
+        self.k = k
+        self.lam = lam
+        self.generator = generator
+        self.extraction = extraction
+        self.roi_size = roi_size
+        self.min_box = min_box
+        self.max_images_per_class = max_images_per_class
+        self.seed = seed
+        self.gen_opts = dict(gen_opts or {})
+        self.protos: list[dict[int, Prototypes]] = []
+        self.refreshes = 0  # how many times prototypes were (re)selected
+        # teacher cache: keys (N, 2) = (image id, box index), labels, areas, features per level (CPU)
+        self._teacher_cache: dict[str, Any] | None = None
+        self._device_cache: dict[str, Any] = {}
+
+    # -- queries
+    @property
+    def num_levels(self) -> int:
+        return len(self.protos)
+
+    def is_empty(self) -> bool:
+        return not any(self.protos)
+
+    def get(self, level: int, cls: int, device: torch.device | None = None) -> Prototypes | None:
+        """Prototypes of class ``cls`` on ``level`` (moved to ``device``), or None when there are none."""
+        if level >= len(self.protos) or cls not in self.protos[level]:
+            return None
+        p = self.protos[level][cls]
+        if device is None or p.teacher.device == torch.device(device):
+            return p
+        key = f"{level}/{cls}/{device}"
+        if key not in self._device_cache:
+            self._device_cache[key] = Prototypes(
+                p.indices, p.teacher.to(device, non_blocking=True), p.student.to(device, non_blocking=True)
+            )
+        return self._device_cache[key]
+
+    def all_classes(self, level: int, device: torch.device | None = None) -> tuple[Tensor, Tensor] | None:
+        """Prototypes of every class on ``level`` stacked in class order: ((sum K_c, Dt), (sum K_c, Ds))."""
+        if level >= len(self.protos) or not self.protos[level]:
+            return None
+        key = f"all/{level}/{device}"
+        if key not in self._device_cache:
+            ps = [self.protos[level][c] for c in sorted(self.protos[level])]
+            t = torch.cat([p.teacher for p in ps])
+            s = torch.cat([p.student for p in ps])
+            self._device_cache[key] = (t.to(device), s.to(device)) if device is not None else (t, s)
+        return self._device_cache[key]
+
+    # -- selection
+    def _generate(self, level: int, cls: int, ft: Tensor, fs: Tensor, areas: Tensor | None) -> Tensor:
+        return generate(
+            ft, fs, self.k, self.generator, lam=self.lam, seed=self.seed + 1009 * level + cls,
+            areas=areas, **self.gen_opts,
+        )
+
+    def build_from_features(
+        self,
+        feats_t: Sequence[Tensor],
+        feats_s: Sequence[Tensor],
+        labels: Tensor,
+        areas: Tensor | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> None:
+        """Select prototypes per level per class from pooled instance features.
+
+        ``feats_t[l]`` (N, Dt) and ``feats_s[l]`` (N, Ds) are the level-l vectors of the same N instances,
+        ``labels`` (N,) their classes, ``areas`` (N,) their box areas (needed by ``ambiguous``).
+        ``device`` is where the generator runs. Under DDP the (level, class) jobs are split across ranks
+        and the results shared, so every rank ends with the same bank.
+        """
+        from detkd.engine.dist import all_gather_objects, is_main, rank, world_size
+
+        if len(feats_t) != len(feats_s):
+            raise ValueError(f"build_from_features: {len(feats_t)} teacher levels but {len(feats_s)} student")
+        labels = labels.cpu()
+        for f in list(feats_t) + list(feats_s):
+            if f.shape[0] != labels.shape[0]:
+                raise ValueError(f"build_from_features: {f.shape[0]} features but {labels.shape[0]} labels")
+        classes = sorted(int(c) for c in labels.unique().tolist())
+        jobs = [(lv, c) for lv in range(len(feats_t)) for c in classes]
+        mine = jobs[rank():: world_size()]
+        bar = mine
+        if progress and is_main():
+            from tqdm import tqdm
+
+            bar = tqdm(mine, desc=f"prototypes ({self.generator})", leave=False)
+        chosen: dict[tuple[int, int], list[int]] = {}
+        for lv, c in bar:
+            idx = torch.nonzero(labels == c).squeeze(1)
+            ft = feats_t[lv][idx].to(device) if device is not None else feats_t[lv][idx]
+            fs = feats_s[lv][idx].to(device) if device is not None else feats_s[lv][idx]
+            sel = self._generate(lv, c, ft, fs, None if areas is None else areas.cpu()[idx])
+            chosen[(lv, c)] = idx[sel.cpu()].tolist()
+        merged: dict[tuple[int, int], list[int]] = {}
+        for part in all_gather_objects(chosen):
+            merged.update(part)  # type: ignore[arg-type]
+        protos: list[dict[int, Prototypes]] = [{} for _ in feats_t]
+        for (lv, c), ids in sorted(merged.items()):
+            ix = torch.tensor(ids, dtype=torch.int64)
+            protos[lv][c] = Prototypes(
+                ix, feats_t[lv][ix].detach().float().cpu().clone(), feats_s[lv][ix].detach().float().cpu().clone()
+            )
+        self.protos = protos
+        self.refreshes += 1
+        self._device_cache = {}
+
+    # -- Alg. 2: extraction from a loader
+    def _extract(self, context: Any, with_teacher: bool, wanted: set[tuple[int, int]] | None) -> dict[str, Any]:
+        """One pass over ``context.loader``: keys (image id, box index), labels, areas, and per-level student
+        (and teacher) features of this rank's instances, on CPU.
+
+        ``wanted``: the exact keys to extract (later refreshes), or None (first refresh: every box passing
+        ``min_box``, thinned on the fly to a per-class bottom-``max_images_per_class`` reservoir of images).
+        """
+        from detkd.engine.dist import is_main, rank
+        from detkd.taps import TapRequest, tap_teacher, transform_batch
+
+        student, teacher, device = context.student, context.teacher, context.device
+        cap = self.max_images_per_class if wanted is None else 0
+        wanted_images = None if wanted is None else {k[0] for k in wanted}
+        heaps: dict[int, list[tuple[int, int]]] = {}  # class -> max-heap of (-priority, image id), size <= cap
+        in_heap: dict[int, set[int]] = {}  # class -> image ids in its heap
+        chunks: list[dict[str, Any]] = []
+        stored, compact_at = 0, 4096
+        counter = 0
+        loader = context.loader
+        if is_main():
+            from tqdm import tqdm
+
+            loader = tqdm(loader, desc="prototype features", leave=False)
+        for images, targets in loader:
+            ids = []
+            for t in targets:
+                if "image_id" in t:
+                    ids.append(int(torch.as_tensor(t["image_id"]).reshape(-1)[0]))
+                else:  # no id: rank and position (then the loader order must not change between refreshes)
+                    ids.append((rank() << 40) + counter)
+                counter += 1
+            if wanted_images is not None and not any(i in wanted_images for i in ids):
+                continue
+            images = [im.to(device, non_blocking=True) for im in images]
+            # transform_batch drops ignore boxes: box index = position among the kept boxes
+            image_list, tgts = transform_batch(student, images, targets)
+            boxes, keys, labels, areas = [], [], [], []
+            for i, t in enumerate(tgts):
+                b = t["boxes"]
+                wh = b[:, 2:] - b[:, :2]
+                ok = ((wh[:, 0] >= self.min_box) & (wh[:, 1] >= self.min_box)).cpu()
+                if wanted is not None:
+                    ok &= torch.tensor([(ids[i], j) in wanted for j in range(b.shape[0])], dtype=torch.bool)
+                sel = torch.nonzero(ok).squeeze(1)
+                lab = t["labels"].cpu()[sel]
+                if cap > 0:  # reservoir: keep the image for class c if its priority is among the cap lowest
+                    for c in lab.unique().tolist():
+                        heap, members = heaps.setdefault(c, []), in_heap.setdefault(c, set())
+                        item = (-_priority(self.seed, ids[i], c), ids[i])
+                        if ids[i] in members:  # a repeated image (DistributedSampler pads by repeating)
+                            sel, lab = sel[lab != c], lab[lab != c]
+                        elif len(heap) < cap:
+                            heapq.heappush(heap, item)
+                            members.add(ids[i])
+                        elif item > heap[0]:
+                            members.discard(heapq.heappushpop(heap, item)[1])
+                            members.add(ids[i])
+                        else:
+                            sel, lab = sel[lab != c], lab[lab != c]
+                boxes.append(b[sel.to(b.device)])
+                keys.append(torch.stack([torch.full_like(sel, ids[i]), sel], dim=1))
+                labels.append(lab)
+                areas.append(wh[sel.to(b.device)].prod(dim=1).cpu())
+            if sum(int(b.shape[0]) for b in boxes) == 0:
+                continue
+            # tap_teacher: eval mode, no_grad, training flags restored afterwards (used for the student too)
+            request = TapRequest(features=True)
+            s_taps = tap_teacher(student, image_list, tgts, request, None)
+            levels = range(len(s_taps.features))
+            chunk = {
+                "keys": torch.cat(keys), "labels": torch.cat(labels), "areas": torch.cat(areas),
+                "fs": [instance_features(s_taps, boxes, lv, self.extraction, self.roi_size).float().cpu()
+                       for lv in levels],
+                "ft": None,
+            }
+            if with_teacher:
+                t_taps = tap_teacher(teacher, image_list, tgts, request, None)
+                chunk["ft"] = [instance_features(t_taps, boxes, lv, self.extraction, self.roi_size).float().cpu()
+                               for lv in levels]
+            chunks.append(chunk)
+            stored += int(chunk["keys"].shape[0])
+            if cap > 0 and stored > compact_at:  # drop the instances whose image left its class reservoir
+                chunks = [_compact(chunks, heaps)]
+                stored = int(chunks[0]["keys"].shape[0])
+                compact_at = max(4096, 2 * stored)
+        if cap > 0 and chunks:
+            chunks = [_compact(chunks, heaps)]
+        if not chunks:
+            return {"keys": torch.zeros((0, 2), dtype=torch.int64), "labels": torch.zeros(0, dtype=torch.int64),
+                    "areas": torch.zeros(0), "fs": None, "ft": None}
+        return _concat(chunks)
+
+    def refresh(self, context: Any) -> dict[str, float]:
+        """Alg. 2 lines 4-5: extract instance features (teacher once, cached; the current student every
+        time), gather them from every rank, and reselect the prototypes of every (level, class).
+
+        Returns the timing / size statistics it also passes to ``context.log``.
+        """
+        from detkd.engine.dist import all_gather_cat, all_gather_objects
+
+        t0 = time.perf_counter()
+        first = self._teacher_cache is None
+        wanted = None if first else {(int(a), int(b)) for a, b in self._teacher_cache["keys"].tolist()}
+        local = self._extract(context, with_teacher=first, wanted=wanted)
+        # the number of levels can only be known on a rank that saw an instance
+        num_levels = max(int(n) for n in all_gather_objects(len(local["fs"]) if local["fs"] else 0))
+        if num_levels == 0:
+            raise RuntimeError("prototype refresh: no ground-truth instance in the training set (after min_box)")
+        dims = {}
+        for name in ("fs", "ft") if first else ("fs",):
+            shapes = [s for s in all_gather_objects(
+                [int(f.shape[1]) for f in local[name]] if local[name] else None) if s is not None]
+            dims[name] = shapes[0]
+
+        def gather(t: Tensor) -> Tensor:
+            # all_gather_cat needs tensors on the collective's device (NCCL: CUDA)
+            return all_gather_cat(t.to(context.device)).cpu()
+
+        keys = gather(local["keys"])
+        labels = gather(local["labels"])
+        areas = gather(local["areas"])
+        feats = {}
+        for name in dims:
+            per_level = local[name] or [torch.zeros((0, d)) for d in dims[name]]
+            feats[name] = [gather(f) for f in per_level]
+        order = _sort_dedupe(keys)
+        keys, labels, areas = keys[order], labels[order], areas[order]
+        feats = {name: [f[order] for f in fl] for name, fl in feats.items()}
+        if first:
+            keep = _cap_images(keys, labels, self.max_images_per_class, self.seed)
+            keys, labels, areas = keys[keep], labels[keep], areas[keep]
+            feats = {name: [f[keep] for f in fl] for name, fl in feats.items()}
+            self._teacher_cache = {"keys": keys, "labels": labels, "areas": areas, "ft": feats["ft"]}
+        else:
+            cache = self._teacher_cache
+            pos = {(int(a), int(b)): j for j, (a, b) in enumerate(keys.tolist())}
+            missing = [tuple(k) for k in cache["keys"].tolist() if tuple(k) not in pos]
+            if missing:
+                raise RuntimeError(
+                    f"prototype refresh: {len(missing)} cached instances (first: image id {missing[0][0]}, "
+                    f"box {missing[0][1]}) were not found again in the training loader; the data changed"
+                )
+            take = torch.tensor([pos[tuple(k)] for k in cache["keys"].tolist()], dtype=torch.int64)
+            feats["fs"] = [f[take] for f in feats["fs"]]
+            keys, labels, areas = cache["keys"], cache["labels"], cache["areas"]
+        t1 = time.perf_counter()
+        self.build_from_features(self._teacher_cache["ft"], feats["fs"], labels, areas, device=context.device,
+                                 progress=True)
+        t2 = time.perf_counter()
+        stats = {
+            "proto_refresh_s": t2 - t0,
+            "proto_extract_s": t1 - t0,
+            "proto_select_s": t2 - t1,
+            "proto_instances": float(keys.shape[0]),
+            "proto_classes": float(labels.unique().numel()),
+        }
+        context.log(stats)
+        return stats
+
+    # -- persistence (through the distiller's get_extra_state / set_extra_state)
+    def state(self) -> dict[str, Any]:
+        """Plain tensors and containers only (checkpoints load with ``weights_only=True``)."""
+        entries = {}
+        for lv, per_class in enumerate(self.protos):
+            for c, p in per_class.items():
+                entries[f"{lv}/{c}"] = {"indices": p.indices, "teacher": p.teacher, "student": p.student}
+        return {"version": 1, "num_levels": len(self.protos), "refreshes": self.refreshes, "entries": entries}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError(f"prototype bank state: unsupported format {type(state).__name__}")
+        protos: list[dict[int, Prototypes]] = [{} for _ in range(int(state["num_levels"]))]
+        for key, e in state["entries"].items():
+            lv, c = (int(x) for x in key.split("/"))
+            protos[lv][c] = Prototypes(e["indices"].cpu(), e["teacher"].float().cpu(), e["student"].float().cpu())
+        self.protos = protos
+        self.refreshes = int(state.get("refreshes", 0))
+        self._device_cache = {}
