@@ -1,0 +1,48 @@
+"""Tiny run configs for the end-to-end tests: 64 px digits, ResNet-18 FPN-32, a handful of images."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from detkd.config import (
+    Config,
+    DataConfig,
+    DigitsConfig,
+    DistillConfig,
+    MethodConfig,
+    ModelConfig,
+    TrainConfig,
+)
+
+SIZE = 64
+
+
+def tiny_model(arch: str = "retinanet", fpn: int = 32, backbone: str = "resnet18") -> ModelConfig:
+    return ModelConfig(arch=arch, backbone=backbone, num_classes=10, fpn_channels=fpn, min_size=SIZE,
+                       max_size=SIZE, norm="bn", anchor_sizes=[16, 32, 64, 128, 256],
+                       rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
+                       rpn_post_nms_top_n_test=50, box_batch_size_per_image=32, detections_per_img=10)
+
+
+def tiny_config(data_root: Path, out: Path, arch: str = "retinanet", epochs: int = 1, train_images: int = 8,
+                **train_kw) -> Config:
+    digits = DigitsConfig(image_size=SIZE, train_images=train_images, val_images=4, min_digits=1, max_digits=2,
+                          scale_min=1.0, scale_max=1.4, seed=0)
+    data = DataConfig(format="digits", root=str(Path(data_root) / f"n{train_images}"), batch_size=4, workers=0, hflip=0.5, digits=digits)
+    train = TrainConfig(epochs=epochs, optimizer="sgd", lr=0.01, warmup_iters=2, schedule="multistep",
+                        milestones=[100], eval_every=1, keep_last=1, log_every=1, seed=0, **train_kw)
+    return Config(data=data, model=tiny_model(arch), train=train, output_dir=str(out))
+
+
+def with_distill(cfg: Config, teacher_ckpt: str, methods: list[str | MethodConfig], teacher_fpn: int = 48,
+                 out: Path | None = None) -> Config:
+    cfg = copy.deepcopy(cfg)
+    cfg.distill = DistillConfig(
+        teacher=tiny_model(cfg.model.arch, fpn=teacher_fpn),
+        teacher_checkpoint=teacher_ckpt,
+        methods=[m if isinstance(m, MethodConfig) else MethodConfig(m) for m in methods],
+    )
+    if out is not None:
+        cfg.output_dir = str(out)
+    return cfg
