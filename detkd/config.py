@@ -29,15 +29,15 @@ class ConfigError(ValueError):
 class DigitsConfig:
     """Parameters of the embedded digits data set (see :mod:`detkd.data.digits`)."""
 
-    image_size: int = 128
-    train_images: int = 2000
-    val_images: int = 300
-    min_digits: int = 1
-    max_digits: int = 4
+    image_size: int = 128  # square scene side in pixels
+    train_images: int = 2000  # scenes in the train split
+    val_images: int = 300  # scenes in the val split (drawn from other MNIST digits)
+    min_digits: int = 1  # digits per scene, at least
+    max_digits: int = 4  # digits per scene, at most
     scale_min: float = 0.8  # digit size in multiples of the 28 px MNIST glyph
-    scale_max: float = 2.0
+    scale_max: float = 2.0  # largest digit size, same unit
     max_overlap: float = 0.1  # largest IoU allowed between two digits of one scene
-    seed: int = 0
+    seed: int = 0  # the same seed writes the same bytes
 
 
 @dataclass
@@ -49,74 +49,74 @@ class DataConfig:
     (the embedded data set, generated under ``root`` when absent).
     """
 
-    format: Literal["coco", "voc", "voc_folder", "digits"] = "digits"
-    root: str = "data/digits"
-    train_ann: str = "annotations/instances_train.json"
-    train_images: str = "train"
-    val_ann: str = "annotations/instances_val.json"
-    val_images: str = "val"
-    train_sets: list[str] = field(default_factory=lambda: ["VOC2007/trainval", "VOC2012/trainval"])
-    val_sets: list[str] = field(default_factory=lambda: ["VOC2007/test"])
+    format: Literal["coco", "voc", "voc_folder", "digits"] = "digits"  # layout of the data (see above)
+    root: str = "data/digits"  # data set folder; the paths below are relative to it
+    train_ann: str = "annotations/instances_train.json"  # coco: train json; voc_folder: XML folder
+    train_images: str = "train"  # coco / voc_folder: train image folder
+    val_ann: str = "annotations/instances_val.json"  # coco: val json; voc_folder: XML folder
+    val_images: str = "val"  # coco / voc_folder: val image folder
+    train_sets: list[str] = field(default_factory=lambda: ["VOC2007/trainval", "VOC2012/trainval"])  # voc: union
+    val_sets: list[str] = field(default_factory=lambda: ["VOC2007/test"])  # voc: evaluation sets
     class_names: list[str] = field(default_factory=list)  # voc / voc_folder; empty = the 20 VOC classes
-    bad_boxes: Literal["repair", "drop", "error"] = "repair"
-    bad_images: Literal["error", "skip"] = "error"
-    hflip: float = 0.5
-    photometric: bool = False
-    batch_size: int = 8
-    workers: int = 2
-    digits: DigitsConfig = field(default_factory=DigitsConfig)
+    bad_boxes: Literal["repair", "drop", "error"] = "repair"  # degenerate / out-of-image boxes
+    bad_images: Literal["error", "skip"] = "error"  # missing / unreadable images
+    hflip: float = 0.5  # probability of a horizontal flip in training
+    photometric: bool = False  # random photometric distortion in training
+    batch_size: int = 8  # images per step and per process
+    workers: int = 2  # data loader worker processes
+    digits: DigitsConfig = field(default_factory=DigitsConfig)  # format digits: generation parameters
 
 
 @dataclass
 class ModelConfig:
     """A torchvision detector (see :func:`detkd.models.build_detector`)."""
 
-    arch: Literal["faster_rcnn", "retinanet", "fcos"] = "retinanet"
+    arch: Literal["faster_rcnn", "retinanet", "fcos"] = "retinanet"  # detector family
     backbone: Literal[
         "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v3_large"
-    ] = "resnet18"
+    ] = "resnet18"  # backbone trunk under the FPN
     num_classes: int = 10  # foreground classes; torchvision's background index 0 is added for Faster R-CNN
-    fpn_channels: int = 256
-    min_size: int = 800
-    max_size: int = 1333
+    fpn_channels: int = 256  # FPN width
+    min_size: int = 800  # shorter image side after resizing
+    max_size: int = 1333  # longer image side at most
     weights: str = "none"  # detector weights: none | torchvision weights name | checkpoint path
     backbone_weights: str = "none"  # none | torchvision weights name | checkpoint path
     trainable_layers: int = 5  # backbone stages that train (0-5); the rest are frozen
-    norm: Literal["frozen_bn", "bn"] = "frozen_bn"
+    norm: Literal["frozen_bn", "bn"] = "frozen_bn"  # bn when training from scratch
     anchor_sizes: list[int] = field(default_factory=list)  # one per level; empty = torchvision default
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    rpn_batch_size_per_image: int = 256
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    box_batch_size_per_image: int = 512
-    box_positive_fraction: float = 0.25
-    score_thresh: float = 0.05
-    detections_per_img: int = 100
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # anchor height / width
+    rpn_batch_size_per_image: int = 256  # anchors sampled for the RPN loss
+    rpn_pre_nms_top_n_train: int = 2000  # RPN proposals per level before NMS (training)
+    rpn_post_nms_top_n_train: int = 2000  # proposals kept after NMS (training)
+    rpn_pre_nms_top_n_test: int = 1000  # same, inference
+    rpn_post_nms_top_n_test: int = 1000  # same, inference
+    box_batch_size_per_image: int = 512  # RoIs sampled for the box head (the CPU cost)
+    box_positive_fraction: float = 0.25  # share of positive RoIs in that sample
+    score_thresh: float = 0.05  # detections below this score are dropped
+    detections_per_img: int = 100  # detections kept per image
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 12  # training length
     preset: Literal["", "1x", "2x"] = ""  # 1x = 12 epochs, steps at 8 and 11; 2x = 24, steps at 16 and 22
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 500
-    warmup_factor: float = 0.001
-    schedule: Literal["multistep", "cosine"] = "multistep"
-    milestones: list[int] = field(default_factory=lambda: [8, 11])
-    gamma: float = 0.1
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # optimizer
+    lr: float = 0.02  # base learning rate (for the whole batch of all processes)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # weight decay
+    warmup_iters: int = 500  # linear warm-up length in iterations
+    warmup_factor: float = 0.001  # learning-rate factor at iteration 0
+    schedule: Literal["multistep", "cosine"] = "multistep"  # decay after warm-up
+    milestones: list[int] = field(default_factory=lambda: [8, 11])  # multistep: epochs where lr *= gamma
+    gamma: float = 0.1  # multistep decay factor
     clip_grad: float = 0.0  # max global grad norm; 0 = off
     amp: bool = False  # mixed precision, GPU only
     eval_every: int = 1  # epochs; 0 = only at the end
     keep_last: int = 2  # epoch checkpoints kept besides last.pt and best.pt
     log_every: int = 20  # iterations
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = 0  # seeds Python, NumPy, torch and the data order
+    deterministic: bool = False  # torch deterministic algorithms (slower)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
@@ -124,29 +124,29 @@ class TrainConfig:
 class MethodConfig:
     """One distiller of a run: its registry name, its weight, and its own options."""
 
-    name: str = ""
-    weight: float = 1.0
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # registry name (fitnet, fgfi, defeat, kd, rkd, fgd, gid, global, ...)
+    weight: float = 1.0  # multiplies every term of the method
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own options (docs/methods.md)
 
 
 @dataclass
 class DistillConfig:
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)  # the teacher detector (keys of model)
     teacher_config: str = ""  # a config file whose model section is the teacher (resolved at load time)
-    teacher_checkpoint: str = ""
-    methods: list[MethodConfig] = field(default_factory=list)
-    student_init: Literal["none", "checkpoint", "inherit"] = "none"
-    student_checkpoint: str = ""
+    teacher_checkpoint: str = ""  # trained teacher weights (required)
+    methods: list[MethodConfig] = field(default_factory=list)  # distillers of the run
+    student_init: Literal["none", "checkpoint", "inherit"] = "none"  # start of the student
+    student_checkpoint: str = ""  # student_init checkpoint: its weights
     decay: bool = False  # scale every distillation term by (1 - epoch / epochs)
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distill: DistillConfig | None = None
-    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)  # see data
+    model: ModelConfig = field(default_factory=ModelConfig)  # the detector trained (the student)
+    train: TrainConfig = field(default_factory=TrainConfig)  # see train
+    distill: DistillConfig | None = None  # present: `detkd distill` trains against a teacher
+    output_dir: str = "runs/default"  # run folder: checkpoints, logs, config
 
 
 # ----------------------------------------------------------------------------------------------------------
