@@ -29,7 +29,8 @@ def tiny_config(data_root: Path, out: Path, arch: str = "retinanet", epochs: int
                 **train_kw) -> Config:
     digits = DigitsConfig(image_size=SIZE, train_images=train_images, val_images=4, min_digits=1, max_digits=2,
                           scale_min=1.0, scale_max=1.4, seed=0)
-    data = DataConfig(format="digits", root=str(Path(data_root) / f"n{train_images}"), batch_size=4, workers=0, hflip=0.5, digits=digits)
+    data = DataConfig(format="digits", root=str(Path(data_root) / f"n{train_images}"), batch_size=4, workers=0,
+                      hflip=0.5, digits=digits)
     train = TrainConfig(epochs=epochs, optimizer="sgd", lr=0.01, warmup_iters=2, schedule="multistep",
                         milestones=[100], eval_every=1, keep_last=1, log_every=1, seed=0, **train_kw)
     return Config(data=data, model=tiny_model(arch), train=train, output_dir=str(out))
