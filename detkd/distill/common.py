@@ -2,9 +2,11 @@
 
 - :func:`build_adapters`: per-level convolutions mapping student channels to teacher channels.
 - :func:`check_pyramids` / :func:`check_adapters`: teacher, student and adapters agree on the levels.
-- :func:`box_masks`: ground-truth boxes rasterised on every pyramid level (DeFeat-style masks).
+- :func:`box_masks` / :func:`box_mask` / :func:`weighted_box_mask`: boxes rasterised on the pyramid levels
+  (DeFeat-style masks; the weighted one keeps the largest per-box weight of each cell).
 - :func:`grid_anchors` / :func:`level_anchors` / :func:`imitation_masks`: FGFI near-object anchor masks.
 - :func:`softmax_kl` / :func:`sigmoid_kl`: temperature-softened KL(teacher || student).
+- :func:`check_logits`: the teacher's and the student's classification outputs exist and agree.
 - :func:`graph_zero`: a zero that stays connected to the autograd graph (empty batches under DDP).
 - :func:`check_temperature`: options validation shared by the KD-style distillers.
 
@@ -87,6 +89,20 @@ def check_adapters(adapters: nn.ModuleList, student: Taps, method: str) -> None:
         )
 
 
+def check_logits(teacher: Taps, student: Taps, field: str, request: str, method: str) -> tuple[Tensor, Tensor]:
+    """The (student, teacher) logits ``field`` of the taps (``class_logits`` / ``cls_logits``), with a clear
+    error when either is missing (``request``: the :class:`~detkd.taps.TapRequest` flag that provides the
+    teacher's) or their shapes differ."""
+    zs, zt = getattr(student, field), getattr(teacher, field)
+    if zs is None:
+        raise ValueError(f"{method}: the student taps have no {field}")
+    if zt is None:
+        raise ValueError(f"{method}: the teacher taps have no {field}; request {request}=True")
+    if zt.shape != zs.shape:
+        raise ValueError(f"{method}: teacher {field} {tuple(zt.shape)} != student {tuple(zs.shape)}")
+    return zs, zt
+
+
 def graph_zero(tensors: list[Tensor]) -> Tensor:
     """A float32 scalar 0 that depends on ``tensors``, so every parameter upstream still gets a (zero)
     gradient: DistributedDataParallel expects the same parameters to be used on every step."""
@@ -100,26 +116,51 @@ def graph_zero(tensors: list[Tensor]) -> Tensor:
 # Ground-truth masks
 
 
-def box_mask(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
-    """(height, width) float 0/1 map of the cells of one level that overlap any of ``boxes`` (M, 4).
+def box_cell_ranges(boxes: Tensor, height: int, width: int,
+                    stride: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The cells each of ``boxes`` (M, 4) covers on a level of stride ``stride``: columns ``x0 .. x1 - 1`` and
+    rows ``y0 .. y1 - 1`` as float (M,) tensors.
 
-    A box covers columns ``floor(x1 / s) .. ceil(x2 / s) - 1`` (and likewise rows), at least one cell, so
-    even a box smaller than a cell marks the cell it falls in.
+    The start is floored and the end ceiled (``floor(x1 / s) .. ceil(x2 / s) - 1``), clamped to the map, and
+    every box covers at least one cell, so even a box smaller than a cell marks the cell it falls in.
     """
-    mask = torch.zeros((height, width), dtype=torch.float32, device=boxes.device)
-    if boxes.numel() == 0:
-        return mask
     b = boxes.detach().float() / stride
-    x1 = b[:, 0].floor().clamp(0, width - 1)
-    y1 = b[:, 1].floor().clamp(0, height - 1)
-    x2 = torch.maximum(b[:, 2].ceil().clamp(max=width), x1 + 1)
-    y2 = torch.maximum(b[:, 3].ceil().clamp(max=height), y1 + 1)
+    x0 = b[:, 0].floor().clamp(0, width - 1)
+    y0 = b[:, 1].floor().clamp(0, height - 1)
+    x1 = torch.maximum(b[:, 2].ceil().clamp(max=width), x0 + 1)
+    y1 = torch.maximum(b[:, 3].ceil().clamp(max=height), y0 + 1)
+    return x0, y0, x1, y1
+
+
+def box_cells(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
+    """(M, height, width) bool: the cells of one level each box covers (:func:`box_cell_ranges`)."""
+    x0, y0, x1, y1 = box_cell_ranges(boxes, height, width, stride)
     cols = torch.arange(width, device=boxes.device, dtype=torch.float32)
     rows = torch.arange(height, device=boxes.device, dtype=torch.float32)
-    in_x = (cols[None, :] >= x1[:, None]) & (cols[None, :] < x2[:, None])  # (M, W)
-    in_y = (rows[None, :] >= y1[:, None]) & (rows[None, :] < y2[:, None])  # (M, H)
-    covered = (in_y[:, :, None] & in_x[:, None, :]).any(dim=0)
-    return covered.float()
+    in_x = (cols[None, :] >= x0[:, None]) & (cols[None, :] < x1[:, None])  # (M, W)
+    in_y = (rows[None, :] >= y0[:, None]) & (rows[None, :] < y1[:, None])  # (M, H)
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def box_mask(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
+    """(height, width) float 0/1 map of the cells of one level that overlap any of ``boxes`` (M, 4)
+    (cells as :func:`box_cell_ranges`)."""
+    if boxes.numel() == 0:
+        return torch.zeros((height, width), dtype=torch.float32, device=boxes.device)
+    return box_cells(boxes, height, width, stride).any(dim=0).float()
+
+
+def weighted_box_mask(boxes: Tensor, weights: Tensor, height: int, width: int,
+                      stride: float) -> tuple[Tensor, Tensor]:
+    """Per-box weighted :func:`box_mask`: the (height, width) float map of the largest of ``weights`` (M,)
+    over the boxes covering each cell (0 where none does; the weights are taken as constants) and the
+    (height, width) bool coverage, which also holds the cells of zero-weight boxes."""
+    if boxes.numel() == 0:
+        mask = torch.zeros((height, width), dtype=torch.float32, device=boxes.device)
+        return mask, mask.bool()
+    inside = box_cells(boxes, height, width, stride)
+    weighted = (inside.float() * weights.detach().float()[:, None, None]).amax(dim=0)
+    return weighted, inside.any(dim=0)
 
 
 def box_masks(taps: Taps, boxes: list[Tensor]) -> list[Tensor]:

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from detkd.distill.base import Distiller, register
 from detkd.distill.common import (
     box_masks,
     build_adapters,
     check_adapters,
+    check_logits,
     check_pyramids,
     check_temperature,
     graph_zero,
@@ -58,23 +59,48 @@ class DeFeatOptions:
     temperature: float = 1.0
 
 
-def decoupled_roi_kd(teacher: Taps, student: Taps, temperature: float, method: str) -> tuple[Tensor, Tensor]:
-    """Mean softened KL over the student's positive and over its negative sampled RoIs (see module doc)."""
-    if student.class_logits is None or student.roi_labels is None:
-        raise ValueError(f"{method}: the student taps have no class_logits / roi_labels (not a Faster R-CNN?)")
-    if teacher.class_logits is None:
-        raise ValueError(f"{method}: the teacher taps have no class_logits; request roi_outputs=True")
-    if teacher.class_logits.shape != student.class_logits.shape:
-        raise ValueError(
-            f"{method}: teacher class_logits {tuple(teacher.class_logits.shape)} and student "
-            f"{tuple(student.class_logits.shape)} differ; the teacher box head must run on the student's RoIs"
-        )
+def decoupled_feature_loss(adapters: nn.ModuleList, teacher: Taps, student: Taps, masks: list[Tensor],
+                           weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Part 1 of the module doc before its weights: the foreground and background terms, each averaged over
+    the levels.
+
+    ``masks``: per level the (N, 1, H, W) 0/1 box coverage (:func:`detkd.distill.common.box_masks`); it sets
+    both counts and the background. ``weights``: per level (N, 1, H, W) per-cell foreground weights, e.g. a
+    per-box weight rasterised by :func:`detkd.distill.common.weighted_box_mask` (``defeat_proto``); None =
+    the mask itself (DeFeat).
+    """
+    fg_terms, bg_terms = [], []
+    for level, (adapter, fs, ft, mask) in enumerate(zip(adapters, student.features, teacher.features, masks)):
+        sq = (adapter(fs).float() - ft.detach().float()) ** 2  # (N, C, H, W)
+        channels = sq.shape[1]
+        fg_count = mask.sum() * channels
+        bg_count = (1.0 - mask).sum() * channels
+        fg_mask = mask if weights is None else weights[level]
+        fg_terms.append((sq * fg_mask).sum() / (2.0 * fg_count).clamp(min=1.0))
+        bg_terms.append((sq * (1.0 - mask)).sum() / (2.0 * bg_count).clamp(min=1.0))
+    return torch.stack(fg_terms).mean(), torch.stack(bg_terms).mean()
+
+
+def decoupled_roi_kd(teacher: Taps, student: Taps, temperature: float, method: str,
+                     weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mean softened KL over the student's positive and over its negative sampled RoIs (see module doc).
+
+    ``weights``: (R,) per-RoI constants multiplying the KL of the positive RoIs (``defeat_proto``: the sigma
+    of each RoI's instance); the means still divide by the number of RoIs. None = 1 (DeFeat).
+    """
+    # the teacher's box head runs on the student's RoIs, so the logits have the same rows
+    zs, zt = check_logits(teacher, student, "class_logits", "roi_outputs", method)
+    if student.roi_labels is None:
+        raise ValueError(f"{method}: the student taps have no roi_labels (not a Faster R-CNN?)")
     labels = torch.cat(student.roi_labels)
-    kl = softmax_kl(student.class_logits, teacher.class_logits, temperature)  # (R,)
-    zero = graph_zero([student.class_logits])
+    kl = softmax_kl(zs, zt, temperature)  # (R,)
+    if weights is not None and weights.shape != kl.shape:
+        raise ValueError(f"{method}: {tuple(weights.shape)} RoI weights for {kl.shape[0]} RoIs")
+    zero = graph_zero([zs])
     pos = (labels > 0).float()
     neg = (labels == 0).float()
-    fg = (kl * pos).sum() / pos.sum().clamp(min=1.0) + zero
+    fg_kl = kl if weights is None else weights * kl
+    fg = (fg_kl * pos).sum() / pos.sum().clamp(min=1.0) + zero
     bg = (kl * neg).sum() / neg.sum().clamp(min=1.0) + zero
     return fg, bg
 
@@ -101,18 +127,8 @@ class DeFeat(Distiller):
         check_pyramids(teacher, student, "defeat")
         check_adapters(self.adapters, student, "defeat")
         masks = box_masks(student, [t["boxes"] for t in student.targets])
-        fg_terms, bg_terms = [], []
-        for adapter, fs, ft, mask in zip(self.adapters, student.features, teacher.features, masks):
-            sq = (adapter(fs).float() - ft.detach().float()) ** 2  # (N, C, H, W)
-            channels = sq.shape[1]
-            fg_count = mask.sum() * channels
-            bg_count = (1.0 - mask).sum() * channels
-            fg_terms.append((sq * mask).sum() / (2.0 * fg_count).clamp(min=1.0))
-            bg_terms.append((sq * (1.0 - mask)).sum() / (2.0 * bg_count).clamp(min=1.0))
-        out = {
-            "defeat_fg": self.opts.fg_weight * torch.stack(fg_terms).mean(),
-            "defeat_bg": self.opts.bg_weight * torch.stack(bg_terms).mean(),
-        }
+        fg, bg = decoupled_feature_loss(self.adapters, teacher, student, masks)
+        out = {"defeat_fg": self.opts.fg_weight * fg, "defeat_bg": self.opts.bg_weight * bg}
         if self.use_roi:
             fg, bg = decoupled_roi_kd(teacher, student, self.opts.temperature, "defeat")
             out["defeat_roi_fg"] = self.opts.roi_fg_weight * fg

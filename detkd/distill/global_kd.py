@@ -67,14 +67,9 @@ from torch import Tensor
 
 from detkd.config import ConfigError
 from detkd.distill.base import DistillContext, Distiller, register
-from detkd.distill.common import (
-    build_adapters,
-    check_pyramids,
-    check_temperature,
-    graph_zero,
-    sigmoid_kl,
-    softmax_kl,
-)
+from detkd.distill.common import build_adapters, check_pyramids, check_temperature, graph_zero, weighted_box_mask
+from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
+from detkd.distill.kd import KDOptions, dense_kd, roi_kd
 from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features
 from detkd.taps import TapRequest, Taps, box_levels, pool_levels
 
@@ -188,36 +183,11 @@ def cosine_all_terms(ft: Tensor, fs: Tensor, proto_t: Tensor, proto_s: Tensor, s
     return (sigma * rows).sum()
 
 
-def _cell_ranges(boxes: Tensor, stride: float, height: int, width: int) -> tuple[Tensor, ...]:
-    """Cells covered by each box: columns x0..x1-1, rows y0..y1-1 (start floored, end ceiled, >= 1 cell)."""
-    b = boxes.detach().float() / stride
-    x0 = b[:, 0].floor().clamp(0, width - 1)
-    y0 = b[:, 1].floor().clamp(0, height - 1)
-    x1 = torch.maximum(b[:, 2].ceil().clamp(max=width), x0 + 1)
-    y1 = torch.maximum(b[:, 3].ceil().clamp(max=height), y0 + 1)
-    return x0, y0, x1, y1
-
-
-def weighted_box_map(boxes: Tensor, weights: Tensor, height: int, width: int, stride: float) -> tuple[Tensor, Tensor]:
-    """For one image and level: (H, W) map of the largest weight of the boxes covering each cell (0 where
-    none does) and the (H, W) bool coverage."""
-    if boxes.shape[0] == 0:
-        z = torch.zeros((height, width), device=boxes.device)
-        return z, z.bool()
-    x0, y0, x1, y1 = _cell_ranges(boxes, stride, height, width)
-    cols = torch.arange(width, device=boxes.device, dtype=torch.float32)
-    rows = torch.arange(height, device=boxes.device, dtype=torch.float32)
-    in_x = (cols[None] >= x0[:, None]) & (cols[None] < x1[:, None])
-    in_y = (rows[None] >= y0[:, None]) & (rows[None] < y1[:, None])
-    inside = in_y[:, :, None] & in_x[:, None, :]  # (M, H, W)
-    w = (inside.float() * weights.detach().float()[:, None, None]).amax(dim=0)
-    return w, inside.any(dim=0)
-
-
 def level_masks(
     taps: Taps, inst: Instances, sigma: Tensor, level: int, only_assigned: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """(N_img, H, W) sigma-weighted box map and coverage of the instances on ``level``.
+    """(N_img, H, W) sigma-weighted box map and coverage of the instances on ``level``
+    (:func:`detkd.distill.common.weighted_box_mask`: a cell holds the largest sigma of the boxes covering it).
 
     ``sigma`` (N,) weighs each instance; ``only_assigned`` keeps the instances whose canonical level is
     ``level``.
@@ -230,7 +200,7 @@ def level_masks(
         n = boxes.shape[0]
         s = sigma[start : start + n]
         keep = inst.level[start : start + n] == level if only_assigned else torch.ones_like(s, dtype=torch.bool)
-        m, c = weighted_box_map(boxes[keep], s[keep], h, w, stride)
+        m, c = weighted_box_mask(boxes[keep], s[keep], h, w, stride)
         maps.append(m)
         covers.append(c)
         start += n
@@ -368,6 +338,22 @@ class PrototypeDistiller(Distiller):
                     sig[lv, idx] = cosine_max_sigma(rel.ft[idx], rel.fs[idx], p.teacher, p.student)
         return sig
 
+    def batch_sigmas(self, teacher: Taps, student: Taps,
+                     targets: list[dict[str, Tensor]]) -> tuple[Instances, list[LevelRelations], Tensor]:
+        """The batch's instances, their relations and (L, N) sigma; records ``stats``."""
+        inst = self.instances(student, targets)
+        rels = self.relations(teacher, student, inst)
+        sig = self.sigmas(rels, inst.num, student.features[0].device)
+        self.record_stats(rels, sig)
+        return inst, rels, sig
+
+    @staticmethod
+    def canonical_sigma(sig: Tensor, inst: Instances) -> Tensor:
+        """(N,) sigma of every instance on its canonical level (for the losses tied to one RoI / anchor)."""
+        if not inst.num:
+            return sig.new_zeros(0)
+        return sig[inst.level, torch.arange(inst.num, device=sig.device)]
+
     def record_stats(self, rels: list[LevelRelations], sig: Tensor) -> None:
         has = torch.zeros_like(sig, dtype=torch.bool)
         for lv, rel in enumerate(rels):
@@ -382,6 +368,8 @@ class PrototypeDistiller(Distiller):
 
     def roi_weights(self, student: Taps, inst: Instances, sigma_inst: Tensor) -> Tensor:
         """Faster R-CNN: per sampled RoI, the sigma of its instance if positive, 1 if negative."""
+        if student.roi_labels is None:
+            raise ValueError(f"{self.name}: the student taps have no roi_labels")
         labels = torch.cat(student.roi_labels)
         w = torch.ones(labels.shape[0], device=labels.device)
         if inst.roi_positions is not None:
@@ -394,28 +382,16 @@ class PrototypeDistiller(Distiller):
         w[pos] = sigma_inst[matched[pos]]
         return w
 
-    def anchor_weights(self, student: Taps, inst: Instances, sigma_inst: Tensor) -> tuple[Tensor, Tensor]:
-        """One-stage: (positive mask (N_img, A), sigma of the matched instance of each positive anchor)."""
+    def anchor_weights(self, student: Taps, inst: Instances, sigma_inst: Tensor) -> Tensor:
+        """One-stage: (N_img, A) per anchor / point, the sigma of its matched instance if positive, else 1."""
         if student.matched_idxs is None:
             raise ValueError(f"{self.name}: the student taps have no matched_idxs")
         matched = torch.stack(student.matched_idxs)
         pos = matched >= 0
         offsets = torch.tensor(inst.gt_offsets, device=matched.device)[:, None]
-        return pos, sigma_inst[(matched + offsets)[pos]]
-
-
-def _check_logits(teacher: Taps, student: Taps, arch: str, method: str) -> tuple[Tensor, Tensor]:
-    if arch == "faster_rcnn":
-        zs, zt, what, req = student.class_logits, teacher.class_logits, "class_logits", "roi_outputs"
-    else:
-        zs, zt, what, req = student.cls_logits, teacher.cls_logits, "cls_logits", "dense_outputs"
-    if zs is None:
-        raise ValueError(f"{method}: the student taps have no {what}")
-    if zt is None:
-        raise ValueError(f"{method}: the teacher taps have no {what}; request {req}=True")
-    if zt.shape != zs.shape:
-        raise ValueError(f"{method}: teacher {what} {tuple(zt.shape)} != student {tuple(zs.shape)}")
-    return zs, zt
+        w = torch.ones(matched.shape, device=matched.device)
+        w[pos] = sigma_inst[(matched + offsets)[pos]]
+        return w
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,10 +426,7 @@ class GlobalKD(PrototypeDistiller):
         check_pyramids(teacher, student, "global")
         opts = self.opts
         device = student.features[0].device
-        inst = self.instances(student, targets)
-        rels = self.relations(teacher, student, inst)
-        sig = self.sigmas(rels, inst.num, device)  # (L, N)
-        self.record_stats(rels, sig)
+        inst, rels, sig = self.batch_sigmas(teacher, student, targets)  # sig: (L, N)
         n = max(inst.num, 1)
         anchor = graph_zero(list(student.features))
         out: dict[str, Tensor] = {}
@@ -484,41 +457,31 @@ class GlobalKD(PrototypeDistiller):
             out["loss_local_feat"] = opts.a_feat * total
 
         if self.use_resp:
-            sigma_inst = sig[inst.level, torch.arange(inst.num, device=device)] if inst.num else sig.new_zeros(0)
+            sigma_inst = self.canonical_sigma(sig, inst)
             out["loss_local_resp"] = opts.a_resp * self.response(teacher, student, inst, sigma_inst)
         return out
 
     def response(self, teacher: Taps, student: Taps, inst: Instances, sigma_inst: Tensor) -> Tensor:
-        """L_local_resp: sigma-weighted KL(teacher || student) (module docstring)."""
+        """L_local_resp: sigma-weighted KL(teacher || student) (module docstring), i.e. vanilla KD's terms
+        (:func:`detkd.distill.kd.roi_kd` / :func:`~detkd.distill.kd.dense_kd`) with sigma weights."""
         opts = self.opts
-        zs, zt = _check_logits(teacher, student, self.arch, "global")
+        reduction = "mean" if opts.kl_class_mean else "sum"
         if self.arch == "faster_rcnn":
-            kl = softmax_kl(zs, zt, opts.temperature)
-            if opts.kl_class_mean:
-                kl = kl / zs.shape[1]
             w = self.roi_weights(student, inst, sigma_inst)
-            keep = torch.cat(student.roi_labels) > 0 if opts.resp_rois == "positive" else torch.ones_like(w).bool()
-            return (w * kl * keep).sum() / keep.sum().clamp(min=1) + graph_zero([zs])
-        pos, w = self.anchor_weights(student, inst, sigma_inst)
-        kl = sigmoid_kl(zs[pos][:, 1:], zt[pos][:, 1:], opts.temperature)  # (P, C), column 0 is never a class
-        kl = kl.mean(dim=1) if opts.kl_class_mean else kl.sum(dim=1)
-        return (w * kl).sum() / max(kl.shape[0], 1) + graph_zero([zs])
+            samples = "positive" if opts.resp_rois == "positive" else "all"
+            return roi_kd(teacher, student, opts.temperature, samples, reduction, weights=w, method="global")
+        w = self.anchor_weights(student, inst, sigma_inst)
+        return dense_kd(teacher, student, opts.temperature, "positive", reduction, weights=w, method="global")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Table 4: "+prototypes" variants of DeFeat, vanilla KD and RKD. Their math mirrors detkd.distill.defeat /
-# kd (same normalisations and defaults); the only change is the prototype-based weight or relation.
+# Table 4: "+prototypes" variants of DeFeat, vanilla KD and RKD. They call the terms of detkd.distill.defeat
+# / kd (same normalisations and defaults) with the prototype-based weights; RKD's relation is replaced.
 
 
 @dataclass
-class DeFeatProtoOptions(PrototypeOptions):
-    fg_weight: float = 3.0
-    bg_weight: float = 12.0
-    adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv3x3"
-    roi: bool = True  # Faster R-CNN: decoupled RoI KD as well
-    roi_fg_weight: float = 2.0
-    roi_bg_weight: float = 2.0
-    temperature: float = 1.0
+class DeFeatProtoOptions(DeFeatOptions, PrototypeOptions):
+    """The prototype options, then DeFeat's (same names and defaults)."""
 
 
 @register("defeat_proto")
@@ -548,42 +511,25 @@ class DeFeatProto(PrototypeDistiller):
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_pyramids(teacher, student, "defeat_proto")
         opts = self.opts
-        device = student.features[0].device
-        inst = self.instances(student, targets)
-        rels = self.relations(teacher, student, inst)
-        sig = self.sigmas(rels, inst.num, device)
-        self.record_stats(rels, sig)
-        fg_terms, bg_terms = [], []
-        for lv, (adapter, fs_map, ft_map) in enumerate(zip(self.adapters, student.features, teacher.features)):
-            d2 = ((adapter(fs_map).float() - ft_map.detach().float()) ** 2).sum(dim=1)  # (N_img, H, W)
-            channels = ft_map.shape[1]
+        inst, _, sig = self.batch_sigmas(teacher, student, targets)
+        masks, weights = [], []
+        for lv in range(len(student.features)):
             w, cover = level_masks(student, inst, sig[lv], lv)
-            bg = (~cover).float()
-            fg_terms.append((w * d2).sum() / (2.0 * cover.sum() * channels).clamp(min=1.0))
-            bg_terms.append((bg * d2).sum() / (2.0 * bg.sum() * channels).clamp(min=1.0))
-        out = {
-            "defeat_proto_fg": opts.fg_weight * torch.stack(fg_terms).mean(),
-            "defeat_proto_bg": opts.bg_weight * torch.stack(bg_terms).mean(),
-        }
+            masks.append(cover.float()[:, None])
+            weights.append(w[:, None])
+        fg, bg = decoupled_feature_loss(self.adapters, teacher, student, masks, weights)
+        out = {"defeat_proto_fg": opts.fg_weight * fg, "defeat_proto_bg": opts.bg_weight * bg}
         if self.use_roi:
-            zs, zt = _check_logits(teacher, student, self.arch, "defeat_proto")
-            sigma_inst = sig[inst.level, torch.arange(inst.num, device=device)] if inst.num else sig.new_zeros(0)
-            kl = softmax_kl(zs, zt, opts.temperature)
-            w = self.roi_weights(student, inst, sigma_inst)
-            labels = torch.cat(student.roi_labels)
-            pos, neg = (labels > 0).float(), (labels == 0).float()
-            zero = graph_zero([zs])
-            out["defeat_proto_roi_fg"] = opts.roi_fg_weight * ((w * kl * pos).sum() / pos.sum().clamp(min=1) + zero)
-            out["defeat_proto_roi_bg"] = opts.roi_bg_weight * ((kl * neg).sum() / neg.sum().clamp(min=1) + zero)
+            w = self.roi_weights(student, inst, self.canonical_sigma(sig, inst))
+            fg, bg = decoupled_roi_kd(teacher, student, opts.temperature, "defeat_proto", weights=w)
+            out["defeat_proto_roi_fg"] = opts.roi_fg_weight * fg
+            out["defeat_proto_roi_bg"] = opts.roi_bg_weight * bg
         return out
 
 
 @dataclass
-class KDProtoOptions(PrototypeOptions):
-    weight: float = 1.0
-    temperature: float = 2.0
-    samples: Literal["auto", "all", "positive"] = "auto"
-    class_reduction: Literal["sum", "mean"] = "sum"
+class KDProtoOptions(KDOptions, PrototypeOptions):
+    """The prototype options, then vanilla KD's (same names and defaults)."""
 
 
 @register("kd_proto")
@@ -605,35 +551,15 @@ class KDProto(PrototypeDistiller):
         return TapRequest(features=True, roi_outputs=two_stage, dense_outputs=not two_stage)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        opts = self.opts
-        device = student.features[0].device
-        inst = self.instances(student, targets)
-        rels = self.relations(teacher, student, inst)
-        sig = self.sigmas(rels, inst.num, device)
-        self.record_stats(rels, sig)
-        sigma_inst = sig[inst.level, torch.arange(inst.num, device=device)] if inst.num else sig.new_zeros(0)
-        zs, zt = _check_logits(teacher, student, self.arch, "kd_proto")
+        o = self.opts
+        inst, _, sig = self.batch_sigmas(teacher, student, targets)
+        sigma_inst = self.canonical_sigma(sig, inst)
         if self.arch == "faster_rcnn":
-            kl = softmax_kl(zs, zt, opts.temperature)
-            if opts.class_reduction == "mean":
-                kl = kl / zs.shape[1]
-            w = self.roi_weights(student, inst, sigma_inst)
-            labels = torch.cat(student.roi_labels)
-            keep = (labels > 0 if opts.samples == "positive" else labels >= 0).float()
-            loss = (w * kl * keep).sum() / keep.sum().clamp(min=1) + graph_zero([zs])
-            return {"kd_proto_cls": opts.weight * loss}
-        pos, w_pos = self.anchor_weights(student, inst, sigma_inst)
-        if opts.samples == "all":
-            keep = torch.ones_like(pos)
-            w = torch.ones(pos.shape, device=zs.device)
-            w[pos] = w_pos
-            w = w[keep]
+            w, term = self.roi_weights(student, inst, sigma_inst), roi_kd
         else:
-            keep, w = pos, w_pos
-        kl = sigmoid_kl(zs[keep][:, 1:], zt[keep][:, 1:], opts.temperature)  # (P, C)
-        kl = kl.mean(dim=1) if opts.class_reduction == "mean" else kl.sum(dim=1)
-        loss = (w * kl).sum() / max(kl.shape[0], 1) + graph_zero([zs])
-        return {"kd_proto_cls": opts.weight * loss}
+            w, term = self.anchor_weights(student, inst, sigma_inst), dense_kd
+        loss = term(teacher, student, o.temperature, o.samples, o.class_reduction, weights=w, method="kd_proto")
+        return {"kd_proto_cls": o.weight * loss}
 
 
 @dataclass
@@ -656,10 +582,7 @@ class RKDProto(PrototypeDistiller):
     archs = ("faster_rcnn", "retinanet", "fcos")
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        device = student.features[0].device
-        inst = self.instances(student, targets)
-        rels = self.relations(teacher, student, inst)
-        self.record_stats(rels, self.sigmas(rels, inst.num, device))
+        inst, rels, _ = self.batch_sigmas(teacher, student, targets)
         n = max(inst.num, 1)
         total = graph_zero(list(student.features))
         for rel in rels:

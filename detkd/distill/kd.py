@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from detkd.distill.base import Distiller, register
-from detkd.distill.common import check_temperature, graph_zero, sigmoid_kl, softmax_kl
+from detkd.distill.common import check_logits, check_temperature, graph_zero, sigmoid_kl, softmax_kl
 from detkd.taps import TapRequest, Taps
 
 
@@ -43,6 +43,57 @@ def _mean_over(values: Tensor, keep: Tensor, anchor: Tensor) -> Tensor:
     """Mean of ``values`` where ``keep``; an empty selection gives a graph-connected 0."""
     keep = keep.float()
     return (values * keep).sum() / keep.sum().clamp(min=1.0) + graph_zero([anchor])
+
+
+def roi_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "auto", class_reduction: str = "sum",
+           weights: Tensor | None = None, method: str = "kd") -> Tensor:
+    """Faster R-CNN ``kd_cls`` before its weight: the mean over the kept sampled RoIs (``samples``: all, or
+    ``positive``) of the softmax KL times T^2 (module doc).
+
+    ``weights``: (R,) per-RoI constants multiplying each RoI's KL (``kd_proto``: the sigma of a positive RoI's
+    instance, 1 for negatives); the mean still divides by the number of kept RoIs. None = 1 (vanilla KD).
+    """
+    zs, zt = check_logits(teacher, student, "class_logits", "roi_outputs", method)
+    if student.roi_labels is None:
+        raise ValueError(f"{method}: the student taps have no roi_labels")
+    kl = softmax_kl(zs, zt, temperature)
+    if class_reduction == "mean":
+        kl = kl / zs.shape[1]
+    if weights is not None:
+        if weights.shape != kl.shape:
+            raise ValueError(f"{method}: {tuple(weights.shape)} RoI weights for {kl.shape[0]} RoIs")
+        kl = weights * kl
+    labels = torch.cat(student.roi_labels)
+    keep = labels > 0 if samples == "positive" else labels >= 0
+    return _mean_over(kl, keep, zs)
+
+
+def dense_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "auto", class_reduction: str = "sum",
+             weights: Tensor | None = None, method: str = "kd") -> Tensor:
+    """RetinaNet / FCOS ``kd_cls`` before its weight: the mean over the kept anchors / points (``samples``:
+    the positives ``matched_idxs >= 0``, or ``all``) of the per-class sigmoid KL times T^2 (module doc).
+
+    ``weights``: (N, A) per-anchor constants multiplying each anchor's KL (``kd_proto``: the sigma of a
+    positive's matched instance, 1 elsewhere); the mean still divides by the number of kept anchors.
+    None = 1 (vanilla KD).
+    """
+    zs, zt = check_logits(teacher, student, "cls_logits", "dense_outputs", method)
+    if student.matched_idxs is None:
+        raise ValueError(f"{method}: the student taps have no matched_idxs")
+    matched = torch.stack(student.matched_idxs)  # (N, A)
+    if matched.shape != zs.shape[:2]:
+        raise ValueError(
+            f"{method}: matched_idxs {tuple(matched.shape)} do not match cls_logits {tuple(zs.shape)}"
+        )
+    if weights is not None and weights.shape != matched.shape:
+        raise ValueError(f"{method}: anchor weights {tuple(weights.shape)} != matched_idxs {tuple(matched.shape)}")
+    keep = torch.ones_like(matched, dtype=torch.bool) if samples == "all" else matched >= 0
+    # select first: the dense (N, A, C) KL would be mostly thrown away; column 0 is never a class
+    kl = sigmoid_kl(zs[keep][:, 1:], zt[keep][:, 1:], temperature)  # (P, C)
+    kl = kl.mean(dim=1) if class_reduction == "mean" else kl.sum(dim=1)
+    if weights is not None:
+        kl = weights[keep] * kl
+    return kl.sum() / max(kl.shape[0], 1) + graph_zero([zs])
 
 
 @register("kd")
@@ -62,35 +113,6 @@ class KD(Distiller):
         return TapRequest(features=False, dense_outputs=True)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        T = self.opts.temperature
-        if self.arch == "faster_rcnn":
-            zs, zt = student.class_logits, teacher.class_logits
-            if zs is None or student.roi_labels is None:
-                raise ValueError("kd: the student taps have no class_logits / roi_labels")
-            if zt is None:
-                raise ValueError("kd: the teacher taps have no class_logits; request roi_outputs=True")
-            if zt.shape != zs.shape:
-                raise ValueError(f"kd: teacher class_logits {tuple(zt.shape)} != student {tuple(zs.shape)}")
-            kl = softmax_kl(zs, zt, T)
-            if self.opts.class_reduction == "mean":
-                kl = kl / zs.shape[1]
-            labels = torch.cat(student.roi_labels)
-            keep = labels > 0 if self.opts.samples == "positive" else labels >= 0
-            return {"kd_cls": self.opts.weight * _mean_over(kl, keep, zs)}
-
-        zs, zt = student.cls_logits, teacher.cls_logits
-        if zs is None or student.matched_idxs is None:
-            raise ValueError("kd: the student taps have no cls_logits / matched_idxs")
-        if zt is None:
-            raise ValueError("kd: the teacher taps have no cls_logits; request dense_outputs=True")
-        if zt.shape != zs.shape:
-            raise ValueError(f"kd: teacher cls_logits {tuple(zt.shape)} != student {tuple(zs.shape)}")
-        matched = torch.stack(student.matched_idxs)  # (N, A)
-        if matched.shape != zs.shape[:2]:
-            raise ValueError(f"kd: matched_idxs {tuple(matched.shape)} do not match cls_logits {tuple(zs.shape)}")
-        keep = torch.ones_like(matched, dtype=torch.bool) if self.opts.samples == "all" else matched >= 0
-        # select first: the dense (N, A, C) KL would be mostly thrown away; column 0 is never a class
-        kl = sigmoid_kl(zs[keep][:, 1:], zt[keep][:, 1:], T)  # (P, C)
-        kl = kl.mean(dim=1) if self.opts.class_reduction == "mean" else kl.sum(dim=1)
-        loss = kl.sum() / max(kl.shape[0], 1) + graph_zero([zs])
-        return {"kd_cls": self.opts.weight * loss}
+        o = self.opts
+        term = roi_kd if self.arch == "faster_rcnn" else dense_kd
+        return {"kd_cls": o.weight * term(teacher, student, o.temperature, o.samples, o.class_reduction)}

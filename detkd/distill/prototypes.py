@@ -29,7 +29,6 @@ Decisions this module makes (the paper leaves them open):
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from detkd.distill.common import box_cell_ranges
 from detkd.taps import Taps
 
 GENERATORS = (
@@ -55,14 +55,12 @@ GENERATORS = (
 
 
 def _crop_mean(feature: Tensor, boxes: Tensor, image_index: Tensor, stride: float) -> Tensor:
-    """Mean of the cells a box covers on one map (N, C, H, W): start floored, end ceiled, >= 1 cell."""
+    """Mean of the cells a box covers on one map (N, C, H, W): the cells of
+    :func:`detkd.distill.common.box_cell_ranges` (start floored, end ceiled, >= 1 cell)."""
     h, w = feature.shape[-2:]
+    ranges = torch.stack(box_cell_ranges(boxes, h, w, stride), dim=1).long().tolist()  # (M, 4) x0 y0 x1 y1
     out = []
-    for b, i in zip((boxes / stride).tolist(), image_index.tolist()):
-        x0 = min(max(int(math.floor(b[0])), 0), w - 1)
-        y0 = min(max(int(math.floor(b[1])), 0), h - 1)
-        x1 = min(max(int(math.ceil(b[2])), x0 + 1), w)
-        y1 = min(max(int(math.ceil(b[3])), y0 + 1), h)
+    for (x0, y0, x1, y1), i in zip(ranges, image_index.tolist()):
         out.append(feature[i, :, y0:y1, x0:x1].mean(dim=(1, 2)))
     if not out:
         return feature.new_zeros((0, feature.shape[1]))
