@@ -79,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_prototypes(args: argparse.Namespace) -> int:
     from detkd.config import load_config
-    from detkd.distill.prototypes import export_prototypes
+    from detkd.prototype_export import export_prototypes
 
     cfg = load_config(args.config, args.overrides)
     out = export_prototypes(cfg, args.checkpoint, args.out)
@@ -136,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (``eval CONFIG --checkpoint X train.device=cpu``)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from detkd.engine.checkpoint import CheckpointError
 
     known: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
