@@ -36,20 +36,20 @@ class Stage:
 def demo_stages(out_dir: str | Path, quick: bool = False) -> list[Stage]:
     """The demo's runs, smallest settings that still separate teacher and student on 2 CPU cores."""
     out = Path(out_dir)
-    size = 96
-    digits = DigitsConfig(image_size=size, train_images=96 if quick else 1200, val_images=32 if quick else 200,
-                          min_digits=1, max_digits=3, scale_min=1.0, scale_max=1.6, seed=0)
+    size = 64
+    digits = DigitsConfig(image_size=size, train_images=64 if quick else 800, val_images=16 if quick else 200,
+                          min_digits=1, max_digits=2, scale_min=1.2, scale_max=1.8, seed=0)
     data = DataConfig(format="digits", root=str(out / "data"), batch_size=8, workers=0, hflip=0.0, digits=digits)
     base_model = ModelConfig(arch="retinanet", num_classes=10, min_size=size, max_size=size, norm="bn",
-                             anchor_sizes=[16, 32, 64, 128, 256], score_thresh=0.05, detections_per_img=20)
+                             anchor_sizes=[16, 32, 64, 128, 256], score_thresh=0.05, detections_per_img=10)
     teacher = copy.deepcopy(base_model)
     teacher.backbone, teacher.fpn_channels = "resnet34", 96
     student = copy.deepcopy(base_model)
     student.backbone, student.fpn_channels = "resnet18", 32
-    train = TrainConfig(epochs=1 if quick else 8, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_iters=50,
+    train = TrainConfig(epochs=1 if quick else 5, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_iters=50,
                         schedule="cosine", eval_every=0, keep_last=0, log_every=20, seed=0)
     student_train = copy.deepcopy(train)
-    student_train.epochs = 1 if quick else 4
+    student_train.epochs = 1 if quick else 3
 
     def run(name: str, model: ModelConfig, tr: TrainConfig, distill: DistillConfig | None = None) -> Config:
         return Config(data=copy.deepcopy(data), model=copy.deepcopy(model), train=copy.deepcopy(tr),
@@ -61,8 +61,8 @@ def demo_stages(out_dir: str | Path, quick: bool = False) -> list[Stage]:
         return DistillConfig(teacher=copy.deepcopy(teacher), teacher_checkpoint=teacher_ckpt, methods=methods)
 
     return [
-        Stage("teacher", run("teacher", teacher, train), "RetinaNet ResNet-34-FPN (96 ch)"),
-        Stage("student", run("student", student, student_train), "RetinaNet ResNet-18-FPN (32 ch), no teacher"),
+        Stage("teacher", run("teacher", teacher, train), "RetinaNet ResNet-34-FPN (96 ch), 5 epochs"),
+        Stage("student", run("student", student, student_train), "RetinaNet ResNet-18-FPN (32 ch), 3 epochs"),
         Stage("fgfi", run("student_fgfi", student, student_train, distill([MethodConfig("fgfi")])),
               "student + FGFI feature imitation"),
         Stage("global", run("student_global", student, student_train, distill([MethodConfig("global")])),
