@@ -266,8 +266,9 @@ def roi_response_loss(t_logits: Tensor, s_logits: Tensor, t_deltas: Tensor, s_de
     cls = (log_pt.exp() * (log_pt - log_ps)).sum() * temperature**2 / num
     classes = t_logits[mask][:, 1:].argmax(dim=1) + 1
     rows = torch.arange(classes.shape[0], device=classes.device)
-    ds = s_deltas[mask].reshape(classes.shape[0], -1, 4)[rows, classes].float()
-    dt = t_deltas[mask].reshape(classes.shape[0], -1, 4)[rows, classes].detach().float()
+    per_class = s_deltas.shape[1] // 4  # explicit: reshape cannot infer -1 when no RoI is selected
+    ds = s_deltas[mask].reshape(classes.shape[0], per_class, 4)[rows, classes].float()
+    dt = t_deltas[mask].reshape(classes.shape[0], per_class, 4)[rows, classes].detach().float()
     reg = F.smooth_l1_loss(ds, dt, beta=ROI_SMOOTH_L1_BETA, reduction="sum") / num
     return cls, reg
 

@@ -181,7 +181,9 @@ def project(
     n, k = feat_t.shape[0], proto_t.shape[0]
     m_t, m_s = feat_t @ proto_t.T, feat_s @ proto_s.T  # <f_i, g_j>, (N, K)
     q_t, q_s = proto_t @ proto_t.T, proto_s @ proto_s.T  # <g_l, g_j>, (K, K)
-    n_t, n_s = q_t.diagonal(), q_s.diagonal()
+    # the Eq. 5 factors of all K prototypes at once (they depend on the norms only): one batch of small ops
+    # instead of one per prototype, which dominated the cost at RDM sizes (a few instances, K = 10)
+    c1, c2, d1 = _coefficient_factors(q_t.diagonal(), q_s.diagonal(), lam)
     cols_t: list[Tensor] = []
     cols_s: list[Tensor] = []
     for j in range(k):
@@ -189,9 +191,8 @@ def project(
         if j:
             p_t = p_t - torch.stack(cols_t, dim=1) @ q_t[:j, j]
             p_s = p_s - torch.stack(cols_s, dim=1) @ q_s[:j, j]
-        c1, c2, d1 = _coefficient_factors(n_t[j], n_s[j], lam)
-        cols_t.append(c1 * p_t + c2 * p_s)
-        cols_s.append(c2 * p_t + d1 * p_s)
+        cols_t.append(c1[j] * p_t + c2[j] * p_s)
+        cols_s.append(c2[j] * p_t + d1[j] * p_s)
     if k == 0:
         empty = feat_t.new_zeros(n, 0)
         return empty, empty.clone()
