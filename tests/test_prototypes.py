@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from detkd.config import ModelConfig
+from detkd.data.common import DetectionDataset
 from detkd.distill.base import DistillContext, build_distiller
-from detkd.distill.prototypes import GENERATORS, PrototypeBank, generate, instance_features, kmeans
+from detkd.distill.prototypes import (
+    GENERATORS,
+    PrototypeBank,
+    _priority,
+    generate,
+    instance_features,
+    instance_features_levels,
+    kmeans,
+)
 from detkd.models import build_detector, feature_channels
 from detkd.taps import Taps, tap_student, tap_teacher, transform_batch
 
@@ -118,6 +127,22 @@ def test_instance_features_roi_align_and_crop_mean():
         instance_features(taps, boxes, 0, "nope")
 
 
+@pytest.mark.parametrize("extraction", ["roi_align", "crop_mean"])
+def test_instance_features_levels_equal_the_per_level_features(extraction):
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(3, 4, 16 // 2**i, 16 // 2**i, generator=g) for i in range(3)]
+    taps = Taps(arch="retinanet", features=feats, level_names=["0", "1", "2"], strides=[4, 8, 16],
+                image_sizes=[(64, 64)] * 3, batch_shape=(64, 64), targets=[], num_classes=1)
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 30.0], [10.0, 5.0, 60.0, 40.0]]), torch.zeros((0, 4)),
+             torch.tensor([[30.0, 30.0, 64.0, 64.0]])]
+    got = instance_features_levels(taps, boxes, extraction)
+    assert len(got) == 3
+    for lv in range(3):
+        want = instance_features(taps, boxes, lv, extraction)
+        assert got[lv].shape == (3, 4)
+        torch.testing.assert_close(got[lv], want, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Alg. 2 with real tiny detectors
 
@@ -204,7 +229,8 @@ def test_refresh_caches_the_teacher_and_follows_the_student():
             p.mul_(1.5)
     ctx.epoch = 1
     d.on_epoch_start(ctx)
-    assert t_calls[0] == 2 and s_calls[0] == 4 and loader.passes == 2
+    # passes: the first refresh reads the targets once to plan, then the batches it needs; later ones once
+    assert t_calls[0] == 2 and s_calls[0] == 4 and loader.passes == 3
     again = d.bank.get(0, 1)
     assert not torch.allclose(again.student, first[1].student)
     # the teacher side of the same instances is unchanged (same selection -> same teacher vectors)
@@ -214,7 +240,7 @@ def test_refresh_caches_the_teacher_and_follows_the_student():
     d.opts.refresh_every = 2
     ctx.epoch = 3
     d.on_epoch_start(ctx)
-    assert loader.passes == 2
+    assert loader.passes == 3
 
 
 def test_bank_caps_images_per_class_and_drops_small_boxes(detectors):
@@ -262,3 +288,91 @@ def test_global_end_to_end_gradients_reach_student_only(arch):
     assert all(p.grad is not None for p in d.adapters.parameters())
     assert all(p.grad is not None for p in variants["defeat_proto"].adapters.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def images_seen(model) -> list[int]:
+    """Images through ``model``'s backbone, counted by a forward hook."""
+    seen = [0]
+    model.backbone.register_forward_hook(lambda m, inp, out: seen.__setitem__(0, seen[0] + inp[0].shape[0]))
+    return seen
+
+
+def expected_keys(cap: int, seed: int = 0) -> list[list[int]]:
+    """The toy loader's (image id, box index) kept by the cap, by brute force over the non-ignored boxes."""
+    kept_labels = {0: [1, 2], 1: [1, 2], 2: [2], 3: [3, 1]}  # image 1's third box is ignored
+    keep = set()
+    for c in (1, 2, 3):
+        images = sorted((_priority(seed, i, c), i) for i, labs in kept_labels.items() if c in labs)
+        keep |= {(i, c) for _, i in images[:cap]}
+    return sorted([i, j] for i, labs in kept_labels.items() for j, c in enumerate(labs) if (i, c) in keep)
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_images_without_a_kept_instance_are_not_forwarded(cap):
+    torch.manual_seed(0)
+    teacher, student = build_detector(tiny("retinanet", "resnet34")), build_detector(tiny("retinanet"))
+    t_seen, s_seen = images_seen(teacher), images_seen(student)
+    ctx = DistillContext(teacher=teacher, student=student, loader=toy_loader(), device=torch.device("cpu"),
+                         epoch=0, epochs=2)
+    bank = PrototypeBank(k=2, lam=1.0, max_images_per_class=cap)
+    stats = bank.refresh(ctx)
+    keys = bank._teacher_cache["keys"].tolist()
+    assert keys == expected_keys(cap)
+    needed = len({i for i, _ in keys})
+    assert needed < 4 and stats["proto_images"] == needed
+    assert t_seen[0] == needed and s_seen[0] == needed  # the other images never reached a detector
+    bank.refresh(ctx)  # cached teacher: the student sees the same images again, the teacher nothing
+    assert t_seen[0] == needed and s_seen[0] == 2 * needed
+    assert bank._teacher_cache["keys"].tolist() == keys
+
+
+class CountingDataset(DetectionDataset):
+    """A detkd data set that counts the items it decodes."""
+
+    loaded: list[int]
+
+    def __getitem__(self, i):
+        self.loaded.append(i)
+        return super().__getitem__(i)
+
+
+def test_dataloader_over_a_dataset_decodes_only_the_needed_images(tmp_path):
+    """With a DataLoader over a detkd data set the plan comes from the annotations: the images without a
+    kept instance are not even decoded, and the bank equals the one built from the same batches as a list."""
+    from PIL import Image
+
+    from detkd.data import build_loader
+    from detkd.data.common import ImageRecord
+    from detkd.data.transforms import eval_transforms
+
+    batches = toy_loader()
+    records = []
+    for images, targets in batches:
+        for im, t in zip(images, targets):
+            path = tmp_path / f"{int(t['image_id'])}.png"
+            Image.fromarray(im.permute(1, 2, 0).numpy()).save(path)
+            records.append(ImageRecord(int(t["image_id"]), path, 64, 64, "toy", t["boxes"].tolist(),
+                                       t["labels"].tolist(), t["ignore"].tolist(), [0.0] * len(t["labels"])))
+    model_cfg = tiny("retinanet")
+    ds = CountingDataset(records, [{"id": c, "name": str(c)} for c in (1, 2, 3)], eval_transforms(model_cfg))
+    ds.loaded = []
+    torch.manual_seed(0)
+    teacher, student = build_detector(tiny("retinanet", "resnet34")), build_detector(model_cfg)
+    s_seen = images_seen(student)
+    banks = []
+    for loader in (build_loader(ds, 2, 0, shuffle=False), batches):
+        bank = PrototypeBank(k=2, lam=1.0, max_images_per_class=1)
+        bank.refresh(DistillContext(teacher=teacher, student=student, loader=loader, device=torch.device("cpu"),
+                                    epoch=0, epochs=1))
+        banks.append(bank)
+    keys = banks[0]._teacher_cache["keys"].tolist()
+    needed = sorted({i for i, _ in keys})
+    assert keys == expected_keys(1) and len(needed) < 4
+    assert sorted(ds.loaded) == needed and s_seen[0] == 2 * len(needed)  # data set indices = image ids here
+    for lv in range(banks[0].num_levels):
+        for c in (1, 2, 3):
+            a, b = banks[0].get(lv, c), banks[1].get(lv, c)
+            assert torch.equal(a.indices, b.indices)
+            # other batch composition: conv numerics differ in the last digits
+            torch.testing.assert_close(a.teacher, b.teacher, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a.student, b.student, rtol=1e-4, atol=1e-4)

@@ -70,7 +70,7 @@ from detkd.distill.base import DistillContext, Distiller, register
 from detkd.distill.common import build_adapters, check_pyramids, check_temperature, graph_zero, weighted_box_mask
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
-from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features
+from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features_levels
 from detkd.taps import TapRequest, Taps, box_levels, pool_levels
 
 GeneratorName = Literal[
@@ -93,7 +93,9 @@ class PrototypeOptions:
     extraction: Literal["roi_align", "crop_mean"] = "roi_align"  # authors: crop_mean
     roi_size: int = 7  # RoIAlign output size (extraction roi_align)
     min_box: float = 0.0  # bank: drop boxes narrower / lower than this (px); authors: 30
-    max_images_per_class: int = 800  # bank: at most this many images per class (authors: 800; 0 = all)
+    # bank: at most this many images per class (authors: 800 on COCO; 0 = all); only the images holding a kept
+    # instance are forwarded at a refresh, so it sets the refresh cost (digits configs: 50)
+    max_images_per_class: int = 800
     seed: int = 0
     dbscan_eps: float = 0.0  # 0 = automatic (see prototypes.dbscan_labels)
     dbscan_min_samples: int = 5
@@ -313,9 +315,10 @@ class PrototypeDistiller(Distiller):
         out = []
         device = student.features[0].device
         with torch.autocast(device_type=device.type, enabled=False):
+            fts = instance_features_levels(teacher, inst.boxes, opts.extraction, opts.roi_size)
+            fss = instance_features_levels(student, inst.boxes, opts.extraction, opts.roi_size)
             for lv in range(len(student.features)):
-                ft = instance_features(teacher, inst.boxes, lv, opts.extraction, opts.roi_size).detach().float()
-                fs = instance_features(student, inst.boxes, lv, opts.extraction, opts.roi_size).float()
+                ft, fs = fts[lv].detach().float(), fss[lv].float()
                 groups = []
                 for c in inst.labels.unique().tolist():
                     p = self.bank.get(lv, int(c), device)

@@ -16,11 +16,18 @@ Decisions this module makes (the paper leaves them open):
 - **Which instances build the bank** (Alg. 2 line 4): the ground-truth boxes of the non-augmented
   training set, ignore (crowd / difficult) boxes excluded. ``min_box`` drops boxes narrower or lower
   than that many pixels of the resized image (authors: 30; default 0 keeps all). ``max_images_per_class``
-  keeps at most that many images per class (authors: 800), chosen by a seeded hash of (image id,
-  class): the same images whatever the number of ranks or loader order (0 = all images).
+  keeps at most that many images per class (authors: 800), the ones with the lowest seeded hash of (image
+  id, class): the same images whatever the number of ranks or loader order (0 = all images).
+- **Only the needed images are forwarded.** The instances are decided from the targets before any detector
+  runs (:meth:`PrototypeBank._plan`): from the data set's annotations (``coco_gt()``, nothing decoded) when
+  the loader is a DataLoader over a detkd data set and ``min_box`` is 0, otherwise from one pass over the
+  loader's targets. Then only the images holding a kept instance go through the detectors (backbone + FPN,
+  no heads): a loader over just those items, or the loader's batches sliced to them. The features of an
+  image depend on its batch only through padding (images of different sizes); digits images are equal.
 - **Teacher features** are computed once and cached (the teacher is fixed); the student's are recomputed
   at every refresh for exactly the cached instances (matched by (image id, box index)).
-- **Distributed.** Every rank extracts its shard, :func:`detkd.engine.dist.all_gather_cat` joins them,
+- **Distributed.** The cap's winners are found from every rank's candidates (:func:`select_images`); every
+  rank extracts its shard, :func:`detkd.engine.dist.all_gather_cat` joins them,
   instances are sorted by key (and deduplicated: DistributedSampler pads by repeating images), so every
   rank holds the same pool. The (level, class) selections are split across ranks and shared with
   ``all_gather_objects``; nothing is written to disk.
@@ -92,6 +99,37 @@ def instance_features(
         image_index = torch.cat([torch.full((b.shape[0],), i, dtype=torch.int64) for i, b in enumerate(boxes)])
         return _crop_mean(feat, torch.cat(list(boxes)).float(), image_index, float(taps.strides[level]))
     raise ValueError(f"extraction: {extraction!r} is not one of 'roi_align', 'crop_mean'")
+
+
+def instance_features_levels(
+    taps: Taps,
+    boxes: Sequence[Tensor],
+    extraction: str = "roi_align",
+    roi_size: int = 7,
+) -> list[Tensor]:
+    """:func:`instance_features` of the boxes on every level of ``taps``: a list of (sum M_i, C_l), level order.
+
+    With ``roi_align`` and equal channels on every level (FPN) the RoIs are built once and pooled in one
+    :func:`detkd.taps.pool_boxes` call: one RoIAlign per level, no per-box or per-level Python work.
+    RoIAlign pools every RoI on its own, so the vectors equal :func:`instance_features`'s.
+    """
+    from detkd.taps import pool_boxes
+
+    num_levels = len(taps.features)
+    if extraction != "roi_align" or len({int(f.shape[1]) for f in taps.features}) != 1:
+        return [instance_features(taps, boxes, lv, extraction, roi_size) for lv in range(num_levels)]
+    counts = torch.tensor([int(b.shape[0]) for b in boxes], dtype=torch.int64)
+    total = int(counts.sum())
+    # image i contributes num_levels copies of its boxes, level-major: rows start_i + lv * M_i + j
+    repeated = [b.repeat(num_levels, 1) for b in boxes]
+    levels = [torch.arange(num_levels, device=b.device).repeat_interleave(b.shape[0]) for b in boxes]
+    pooled = pool_boxes(taps, repeated, output_size=roi_size, levels=levels).mean(dim=(2, 3))
+    first = torch.cumsum(counts, 0) - counts  # each image's first instance among the sum M_i
+    image = torch.repeat_interleave(torch.arange(len(boxes)), counts)
+    within = torch.arange(total) - first[image]
+    start = num_levels * first[image] + within
+    rows = [(start + lv * counts[image]).to(pooled.device) for lv in range(num_levels)]
+    return [pooled[r] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,21 +284,6 @@ def _priority(seed: int, image_id: int, cls: int) -> int:
     return z ^ (z >> 31)
 
 
-def _cap_images(keys: Tensor, labels: Tensor, cap: int, seed: int) -> Tensor:
-    """Boolean mask keeping the instances of at most ``cap`` images per class (lowest seeded priority)."""
-    keep = torch.ones(keys.shape[0], dtype=torch.bool)
-    if cap <= 0 or keys.shape[0] == 0:
-        return keep
-    for c in labels.unique().tolist():
-        idx = torch.nonzero(labels == c).squeeze(1)
-        images = keys[idx, 0].unique().tolist()
-        if len(images) <= cap:
-            continue
-        chosen = set(sorted(images, key=lambda i: _priority(seed, i, c))[:cap])
-        keep[idx] = torch.tensor([int(i) in chosen for i in keys[idx, 0].tolist()])
-    return keep
-
-
 def _sort_dedupe(keys: Tensor) -> Tensor:
     """Order of rows sorted by (image id, box index) with repeated keys dropped."""
     order = torch.argsort(keys[:, 1], stable=True)
@@ -281,17 +304,86 @@ def _concat(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _compact(chunks: list[dict[str, Any]], heaps: dict[int, list[tuple[int, int]]]) -> dict[str, Any]:
-    """One chunk holding only the instances whose (class, image) is still in the class's reservoir."""
-    alive = {(c, img) for c, heap in heaps.items() for _, img in heap}
-    joined = _concat(chunks)
-    keep = torch.tensor([(int(c), int(k)) in alive for c, k in zip(joined["labels"].tolist(),
-                                                                     joined["keys"][:, 0].tolist())],
-                        dtype=torch.bool)
-    out = {k: joined[k][keep] for k in ("keys", "labels", "areas")}
-    for name in ("fs", "ft"):
-        out[name] = None if joined[name] is None else [f[keep] for f in joined[name]]
-    return out
+# ----------------------------------------------------------------------------------------------------------
+# Which images a refresh needs, known before any detector runs
+
+# image id -> [(box index, label)]: the instances to extract from that image (box index = position among the
+# image's non-ignored boxes)
+Wanted = dict[int, list[tuple[int, int]]]
+
+
+def _image_id(target: dict[str, Any], fallback: int) -> int:
+    if "image_id" in target:
+        return int(torch.as_tensor(target["image_id"]).reshape(-1)[0])
+    return fallback  # no id: rank and position (then the loader order must not change between refreshes)
+
+
+def _kept_labels(target: dict[str, Any]) -> Tensor:
+    """Labels of the non-ignored boxes, in box order (what :func:`detkd.taps.transform_batch` keeps)."""
+    labels = torch.as_tensor(target["labels"]).reshape(-1).cpu()
+    if "ignore" in target:
+        labels = labels[~torch.as_tensor(target["ignore"]).reshape(-1).bool().cpu()]
+    return labels
+
+
+def annotation_index(loader: Any) -> list[tuple[int, int, list[int]]] | None:
+    """The images ``loader`` yields, as (data set index, image id, labels of the non-ignored boxes in box
+    order), read from the data set's ground truth without decoding an image.
+
+    Needs a ``torch.utils.data.DataLoader`` over a map-style data set with ``coco_gt()`` (the detkd data sets:
+    images in data set order, each image's annotations in box order, ``iscrowd`` = ignore) whose own
+    ``sampler`` decides the images (no custom ``batch_sampler``); returns None otherwise. Follows the
+    sampler, so under DDP it lists this rank's shard.
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    if loader.batch_size is None or not hasattr(loader.dataset, "coco_gt"):
+        return None
+    gt = loader.dataset.coco_gt()
+    ids = [int(im["id"]) for im in gt["images"]]
+    if len(ids) != len(loader.dataset):
+        return None
+    labels: dict[int, list[int]] = {i: [] for i in ids}
+    for a in gt["annotations"]:
+        if not a.get("iscrowd", 0):
+            labels.setdefault(int(a["image_id"]), []).append(int(a["category_id"]))
+    return [(int(i), ids[int(i)], labels[ids[int(i)]]) for i in loader.sampler]
+
+
+def select_images(eligible: dict[int, list[int]], cap: int, seed: int) -> set[tuple[int, int]] | None:
+    """(image id, class) pairs kept by the images-per-class cap: for each class, the ``cap`` images with the
+    lowest seeded priority (:func:`_priority`, ties by image id) among the images holding an eligible
+    instance of it, over ALL ranks (``eligible``: this rank's image id -> eligible instance labels). Each rank
+    sends only its own bottom-``cap`` per class, which holds every global winner of its shard; the result
+    is the same for any number of ranks and loader order. None = no cap (keep everything)."""
+    from detkd.engine.dist import all_gather_objects
+
+    if cap <= 0:
+        return None
+    per_class: dict[int, list[tuple[int, int]]] = {}
+    for img, labels in eligible.items():
+        for c in set(labels):
+            per_class.setdefault(c, []).append((_priority(seed, img, c), img))
+    local = {c: heapq.nsmallest(cap, items) for c, items in per_class.items()}
+    merged: dict[int, set[tuple[int, int]]] = {}
+    for part in all_gather_objects(local):
+        for c, items in part.items():  # type: ignore[union-attr]
+            merged.setdefault(c, set()).update(items)
+    return {(img, c) for c, items in merged.items() for _, img in sorted(items)[:cap]}
+
+
+def _subset_loader(loader: Any, indices: list[int]) -> Any:
+    """A DataLoader like ``loader`` (data set, batch size, collate, workers) over the data set ``indices``."""
+    from torch.utils.data import DataLoader
+
+    extra: dict[str, Any] = {}
+    if loader.num_workers > 0:
+        extra = {"prefetch_factor": loader.prefetch_factor, "worker_init_fn": loader.worker_init_fn,
+                 "multiprocessing_context": loader.multiprocessing_context}
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, **extra)
 
 
 class PrototypeBank:
@@ -427,93 +519,137 @@ class PrototypeBank:
         self._device_cache = {}
 
     # -- Alg. 2: extraction from a loader
-    def _extract(self, context: Any, with_teacher: bool, wanted: set[tuple[int, int]] | None) -> dict[str, Any]:
-        """One pass over ``context.loader``: keys (image id, box index), labels, areas, and per-level student
-        (and teacher) features of this rank's instances, on CPU.
+    def _eligible(self, context: Any, index: list[tuple[int, int, list[int]]] | None) -> Wanted:
+        """This rank's instances that may build the bank, image id -> [(box index, label)]: the non-ignored
+        boxes, those under ``min_box`` left out; a repeated image counts once.
 
-        ``wanted``: the exact keys to extract (later refreshes), or None (first refresh: every box passing
-        ``min_box``, thinned on the fly to a per-class bottom-``max_images_per_class`` reservoir of images).
+        From the data set's annotations when ``index`` is given and ``min_box`` is 0 (nothing decoded);
+        otherwise from one pass over the loader's targets (``min_box`` > 0: boxes in the student's input
+        frame, through :func:`detkd.taps.transform_batch`). No detector runs.
         """
-        from detkd.engine.dist import is_main, rank
-        from detkd.taps import TapRequest, tap_teacher, transform_batch
+        from detkd.engine.dist import rank
+        from detkd.taps import transform_batch
 
-        student, teacher, device = context.student, context.teacher, context.device
-        cap = self.max_images_per_class if wanted is None else 0
-        wanted_images = None if wanted is None else {k[0] for k in wanted}
-        heaps: dict[int, list[tuple[int, int]]] = {}  # class -> max-heap of (-priority, image id), size <= cap
-        in_heap: dict[int, set[int]] = {}  # class -> image ids in its heap
-        chunks: list[dict[str, Any]] = []
-        stored, compact_at = 0, 4096
+        out: Wanted = {}
+        if index is not None and self.min_box <= 0:
+            for _, img, labels in index:
+                out.setdefault(img, list(enumerate(labels)))
+            return out
         counter = 0
-        loader = context.loader
+        for images, targets in context.loader:
+            ids = [_image_id(t, (rank() << 40) + counter + i) for i, t in enumerate(targets)]
+            counter += len(targets)
+            if self.min_box > 0:
+                _, tgts = transform_batch(context.student, images, targets)
+                for img, t in zip(ids, tgts):
+                    wh = (t["boxes"][:, 2:] - t["boxes"][:, :2]).cpu()
+                    ok = (wh[:, 0] >= self.min_box) & (wh[:, 1] >= self.min_box)
+                    labels = t["labels"].cpu().tolist()
+                    out.setdefault(img, [(j, labels[j]) for j in torch.nonzero(ok).squeeze(1).tolist()])
+            else:
+                for img, t in zip(ids, targets):
+                    out.setdefault(img, list(enumerate(_kept_labels(t).tolist())))
+        return out
+
+    def _plan(self, context: Any, index: list[tuple[int, int, list[int]]] | None) -> Wanted:
+        """First refresh: the instances to extract on this rank, decided from the targets alone: the eligible
+        instances whose (image, class) survives the images-per-class cap (:func:`select_images`)."""
+        eligible = self._eligible(context, index)
+        keep = select_images({img: [c for _, c in inst] for img, inst in eligible.items()},
+                             self.max_images_per_class, self.seed)
+        wanted = {img: [(j, c) for j, c in inst if keep is None or (img, c) in keep] for img, inst in eligible.items()}
+        return {img: inst for img, inst in wanted.items() if inst}
+
+    def _batches(self, context: Any, wanted: Wanted, index: list[tuple[int, int, list[int]]] | None):
+        """(images, targets, image ids) of the images holding a wanted instance, each image once; no other
+        image reaches a detector. With ``index``: a loader over just those data set items (full batches,
+        nothing else decoded); otherwise ``context.loader``'s batches sliced to them (empty ones skipped)."""
+        from detkd.engine.dist import is_main, rank
+
+        bar = None
         if is_main():
             from tqdm import tqdm
 
-            loader = tqdm(loader, desc="prototype features", leave=False)
-        for images, targets in loader:
-            ids = []
-            for t in targets:
-                if "image_id" in t:
-                    ids.append(int(torch.as_tensor(t["image_id"]).reshape(-1)[0]))
-                else:  # no id: rank and position (then the loader order must not change between refreshes)
-                    ids.append((rank() << 40) + counter)
-                counter += 1
-            if wanted_images is not None and not any(i in wanted_images for i in ids):
-                continue
-            images = [im.to(device, non_blocking=True) for im in images]
+            bar = tqdm(desc="prototype features", unit="img", leave=False)
+        try:
+            if index is not None:
+                order: dict[int, int] = {}  # image id -> data set index, in sampler order
+                for i, img, _ in index:
+                    if img in wanted:
+                        order.setdefault(img, i)
+                if not order:
+                    return
+                expected = iter(order.items())
+                for images, targets in _subset_loader(context.loader, list(order.values())):
+                    ids = [_image_id(t, -1) for t in targets]
+                    for img in ids:
+                        want, at = next(expected)
+                        if img != want:
+                            raise RuntimeError(
+                                f"prototype refresh: item {at} of the data set has image id {img}, but its "
+                                f"coco_gt() lists image id {want} there"
+                            )
+                    if bar is not None:
+                        bar.update(len(ids))
+                    yield images, targets, ids
+                return
+            counter, done = 0, set()
+            for images, targets in context.loader:
+                ids = [_image_id(t, (rank() << 40) + counter + i) for i, t in enumerate(targets)]
+                counter += len(targets)
+                pos = [i for i, img in enumerate(ids) if img in wanted and img not in done]
+                if not pos:
+                    continue
+                done.update(ids[i] for i in pos)
+                if bar is not None:
+                    bar.update(len(pos))
+                yield [images[i] for i in pos], [targets[i] for i in pos], [ids[i] for i in pos]
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _extract(self, context: Any, wanted: Wanted, index: list[tuple[int, int, list[int]]] | None,
+                 with_teacher: bool) -> dict[str, Any]:
+        """Keys (image id, box index), labels, areas, and per-level student (and teacher) features of this
+        rank's ``wanted`` instances, on CPU. Only the images holding one go through the detectors (their
+        backbone + FPN only, eval mode, no grad)."""
+        from detkd.taps import TapRequest, tap_teacher, transform_batch
+
+        student, teacher = context.student, context.teacher
+        request = TapRequest(features=True)
+        chunks: list[dict[str, Any]] = []
+        for images, targets, ids in self._batches(context, wanted, index):
             # transform_batch drops ignore boxes: box index = position among the kept boxes
             image_list, tgts = transform_batch(student, images, targets)
             boxes, keys, labels, areas = [], [], [], []
-            for i, t in enumerate(tgts):
-                b = t["boxes"]
-                wh = b[:, 2:] - b[:, :2]
-                ok = ((wh[:, 0] >= self.min_box) & (wh[:, 1] >= self.min_box)).cpu()
-                if wanted is not None:
-                    ok &= torch.tensor([(ids[i], j) in wanted for j in range(b.shape[0])], dtype=torch.bool)
-                sel = torch.nonzero(ok).squeeze(1)
-                lab = t["labels"].cpu()[sel]
-                if cap > 0:  # reservoir: keep the image for class c if its priority is among the cap lowest
-                    for c in lab.unique().tolist():
-                        heap, members = heaps.setdefault(c, []), in_heap.setdefault(c, set())
-                        item = (-_priority(self.seed, ids[i], c), ids[i])
-                        if ids[i] in members:  # a repeated image (DistributedSampler pads by repeating)
-                            sel, lab = sel[lab != c], lab[lab != c]
-                        elif len(heap) < cap:
-                            heapq.heappush(heap, item)
-                            members.add(ids[i])
-                        elif item > heap[0]:
-                            members.discard(heapq.heappushpop(heap, item)[1])
-                            members.add(ids[i])
-                        else:
-                            sel, lab = sel[lab != c], lab[lab != c]
-                boxes.append(b[sel.to(b.device)])
-                keys.append(torch.stack([torch.full_like(sel, ids[i]), sel], dim=1))
+            for img, t in zip(ids, tgts):
+                sel = torch.tensor([j for j, _ in wanted[img]], dtype=torch.int64)
+                lab = torch.tensor([c for _, c in wanted[img]], dtype=torch.int64)
+                got = t["labels"].cpu()
+                if int(sel.max()) >= got.shape[0] or not torch.equal(got[sel], lab):
+                    raise RuntimeError(
+                        f"prototype refresh: image id {img} has {got.shape[0]} boxes with labels {got.tolist()} "
+                        f"in the loader, but boxes {sel.tolist()} with labels {lab.tolist()} were expected "
+                        "(from the data set's annotations or the first refresh); the data changed"
+                    )
+                b = t["boxes"][sel.to(t["boxes"].device)]
+                boxes.append(b)
+                keys.append(torch.stack([torch.full_like(sel, img), sel], dim=1))
                 labels.append(lab)
-                areas.append(wh[sel.to(b.device)].prod(dim=1).cpu())
-            if sum(int(b.shape[0]) for b in boxes) == 0:
-                continue
+                areas.append((b[:, 2:] - b[:, :2]).prod(dim=1).cpu())
             # tap_teacher: eval mode, no_grad, training flags restored afterwards (used for the student too)
-            request = TapRequest(features=True)
             s_taps = tap_teacher(student, image_list, tgts, request, None)
-            levels = range(len(s_taps.features))
             chunk = {
                 "keys": torch.cat(keys), "labels": torch.cat(labels), "areas": torch.cat(areas),
-                "fs": [instance_features(s_taps, boxes, lv, self.extraction, self.roi_size).float().cpu()
-                       for lv in levels],
+                "fs": [f.float().cpu() for f in instance_features_levels(s_taps, boxes, self.extraction,
+                                                                         self.roi_size)],
                 "ft": None,
             }
             if with_teacher:
                 t_taps = tap_teacher(teacher, image_list, tgts, request, None)
-                chunk["ft"] = [instance_features(t_taps, boxes, lv, self.extraction, self.roi_size).float().cpu()
-                               for lv in levels]
+                chunk["ft"] = [f.float().cpu() for f in instance_features_levels(t_taps, boxes, self.extraction,
+                                                                                 self.roi_size)]
             chunks.append(chunk)
-            stored += int(chunk["keys"].shape[0])
-            if cap > 0 and stored > compact_at:  # drop the instances whose image left its class reservoir
-                chunks = [_compact(chunks, heaps)]
-                stored = int(chunks[0]["keys"].shape[0])
-                compact_at = max(4096, 2 * stored)
-        if cap > 0 and chunks:
-            chunks = [_compact(chunks, heaps)]
         if not chunks:
             return {"keys": torch.zeros((0, 2), dtype=torch.int64), "labels": torch.zeros(0, dtype=torch.int64),
                     "areas": torch.zeros(0), "fs": None, "ft": None}
@@ -523,14 +659,23 @@ class PrototypeBank:
         """Alg. 2 lines 4-5: extract instance features (teacher once, cached; the current student every
         time), gather them from every rank, and reselect the prototypes of every (level, class).
 
-        Returns the timing / size statistics it also passes to ``context.log``.
+        The instances are decided before any detector runs: at the first refresh from the targets
+        (:meth:`_plan`: eligible boxes, images-per-class cap), later the cached ones; only the images
+        holding one are forwarded. Returns the timing / size statistics it also passes to ``context.log``.
         """
         from detkd.engine.dist import all_gather_cat, all_gather_objects
 
         t0 = time.perf_counter()
         first = self._teacher_cache is None
-        wanted = None if first else {(int(a), int(b)) for a, b in self._teacher_cache["keys"].tolist()}
-        local = self._extract(context, with_teacher=first, wanted=wanted)
+        index = annotation_index(context.loader)
+        if first:
+            wanted = self._plan(context, index)
+        else:
+            wanted = {}
+            for (img, j), c in zip(self._teacher_cache["keys"].tolist(), self._teacher_cache["labels"].tolist()):
+                wanted.setdefault(img, []).append((j, c))
+        t_plan = time.perf_counter()
+        local = self._extract(context, wanted, index, with_teacher=first)
         # the number of levels can only be known on a rank that saw an instance
         num_levels = max(int(n) for n in all_gather_objects(len(local["fs"]) if local["fs"] else 0))
         if num_levels == 0:
@@ -552,25 +697,22 @@ class PrototypeBank:
         for name in dims:
             per_level = local[name] or [torch.zeros((0, d)) for d in dims[name]]
             feats[name] = [gather(f) for f in per_level]
-        order = _sort_dedupe(keys)
+        order = _sort_dedupe(keys)  # DistributedSampler pads a shard by repeating images of another
         keys, labels, areas = keys[order], labels[order], areas[order]
         feats = {name: [f[order] for f in fl] for name, fl in feats.items()}
         if first:
-            keep = _cap_images(keys, labels, self.max_images_per_class, self.seed)
-            keys, labels, areas = keys[keep], labels[keep], areas[keep]
-            feats = {name: [f[keep] for f in fl] for name, fl in feats.items()}
             self._teacher_cache = {"keys": keys, "labels": labels, "areas": areas, "ft": feats["ft"]}
         else:
             cache = self._teacher_cache
-            pos = {(int(a), int(b)): j for j, (a, b) in enumerate(keys.tolist())}
-            missing = [tuple(k) for k in cache["keys"].tolist() if tuple(k) not in pos]
-            if missing:
+            if not torch.equal(keys, cache["keys"]):
+                found = {(int(a), int(b)) for a, b in keys.tolist()}
+                missing = [tuple(k) for k in cache["keys"].tolist() if tuple(k) not in found]
+                where = (f"first: image id {missing[0][0]}, box {missing[0][1]}" if missing
+                         else "the loader yielded other instances")
                 raise RuntimeError(
-                    f"prototype refresh: {len(missing)} cached instances (first: image id {missing[0][0]}, "
-                    f"box {missing[0][1]}) were not found again in the training loader; the data changed"
+                    f"prototype refresh: {len(missing)} cached instances ({where}) were not found again in the "
+                    "training loader; the data changed"
                 )
-            take = torch.tensor([pos[tuple(k)] for k in cache["keys"].tolist()], dtype=torch.int64)
-            feats["fs"] = [f[take] for f in feats["fs"]]
             keys, labels, areas = cache["keys"], cache["labels"], cache["areas"]
         t1 = time.perf_counter()
         self.build_from_features(self._teacher_cache["ft"], feats["fs"], labels, areas, device=context.device,
@@ -578,9 +720,11 @@ class PrototypeBank:
         t2 = time.perf_counter()
         stats = {
             "proto_refresh_s": t2 - t0,
+            "proto_plan_s": t_plan - t0,
             "proto_extract_s": t1 - t0,
             "proto_select_s": t2 - t1,
             "proto_instances": float(keys.shape[0]),
+            "proto_images": float(keys[:, 0].unique().numel()),
             "proto_classes": float(labels.unique().numel()),
         }
         context.log(stats)
