@@ -83,7 +83,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> list[dic
         else:
             info(f"[demo] {stage.name}: {stage.note}")
             t0 = time.perf_counter()
-            metrics = fit(stage.cfg, resume=True)
+            metrics = fit(stage.cfg, resume=(Path(stage.cfg.output_dir) / "last.pt").is_file())
             row = {"run": stage.name, "model": stage.note, "mAP": metrics["mAP"], "AP50": metrics["AP50"],
                    "AP75": metrics["AP75"], "minutes": (time.perf_counter() - t0) / 60}
             result_file.write_text(json.dumps(row, indent=2))

@@ -245,3 +245,20 @@ def test_ddp_two_processes_train_and_evaluate_like_one(data_root, tmp_path):
     one = json.loads((tmp_path / "one.json").read_text())
     for k in ("mAP", "AP50", "VOC_AP50"):
         assert two[k] == pytest.approx(one[k], abs=1e-9)
+
+
+@pytest.mark.parametrize("config", ["retinanet_r34_r18_fgd.yaml", "faster_rcnn_r34_r18_gid.yaml",
+                                    "faster_rcnn_r34_r18_global_authors.yaml"])
+def test_shipped_digits_configs_distill_from_the_command_line(config, tmp_path):
+    """The shipped digits configs as a user runs them, shrunk by overrides (teacher: an untrained checkpoint)."""
+    arch = "retinanet" if config.startswith("retinanet") else "faster_rcnn"
+    from detkd.config import load_config
+
+    teacher_cfg = load_config(REPO / "configs" / "digits" / config).distill.teacher
+    save_checkpoint(tmp_path / "teacher.pt", {"model": build_detector(teacher_cfg).state_dict()})
+    overrides = [f"distill.teacher_checkpoint={tmp_path / 'teacher.pt'}", f"output_dir={tmp_path / 'run'}",
+                 f"data.root={tmp_path / 'data'}", "data.digits.train_images=8", "data.digits.val_images=4",
+                 "data.workers=0", "train.epochs=1", "data.batch_size=4"]
+    assert main(["distill", str(REPO / "configs" / "digits" / config), *overrides, "--quiet"]) == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["config"]["model"]["arch"] == arch

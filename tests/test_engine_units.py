@@ -73,3 +73,14 @@ def test_rng_state_round_trip_through_safe_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_progress_prints_plain_lines_when_not_a_terminal(capsys):
+    from detkd.engine.logger import Progress
+
+    bar = Progress(20, "epoch 1/1")
+    for _ in range(20):
+        bar.update(8, loss=0.5)
+    bar.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1/1")]
+    assert len(lines) == 10 and "20/20" in lines[-1] and "img/s" in lines[-1] and "eta 0s" in lines[-1]

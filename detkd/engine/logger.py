@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from detkd.engine.dist import is_main
+from detkd.utils import info
 
 
 class RunLogger:
@@ -53,27 +54,41 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A tqdm bar on rank 0 with loss, lr, images/s and ETA; silent elsewhere."""
+    """Progress on rank 0 with loss, lr, images/s and ETA: a tqdm bar on a terminal, and a plain line every
+    tenth of the work when stderr is a file or pipe (logs of batch jobs); silent on other ranks."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
         self.bar = None
+        self.lines = False
+        self.total, self.desc, self.done = total, desc, 0
         self.t0 = time.perf_counter()
         self.images = 0
         if enabled and is_main():
-            from tqdm import tqdm
+            if sys.stderr.isatty():
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True,
-                            mininterval=1.0, disable=None)
+                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True,
+                                mininterval=1.0)
+            else:
+                self.lines = True
 
     def update(self, n_images: int, **fields: float | str) -> None:
         self.images += n_images
-        if self.bar is None:
+        self.done += 1
+        if self.bar is None and not self.lines:
             return
-        rate = self.images / max(1e-9, time.perf_counter() - self.t0)
+        elapsed = max(1e-9, time.perf_counter() - self.t0)
         post = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()}
-        post["img/s"] = f"{rate:.1f}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
+        post["img/s"] = f"{self.images / elapsed:.1f}"
+        if self.bar is not None:
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+            return
+        step = max(1, self.total // 10)
+        if self.done % step == 0 or self.done == self.total:
+            eta = elapsed / self.done * max(0, self.total - self.done)
+            info(f"{self.desc}: {self.done}/{self.total} " + " ".join(f"{k} {v}" for k, v in post.items())
+                 + f" eta {eta:.0f}s")
 
     def close(self) -> None:
         if self.bar is not None:
