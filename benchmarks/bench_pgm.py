@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -142,13 +142,6 @@ def mem_available_bytes() -> int:
         return int(re.search(r"MemAvailable:\s+(\d+)", f.read()).group(1)) * 1024
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        match = re.search(r"Model name:\s+(.+)", out)
-        return match.group(1).strip() if match else platform.processor()
-    except OSError:
-        return platform.processor()
 
 
 def main() -> None:

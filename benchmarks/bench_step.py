@@ -42,7 +42,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -277,15 +277,6 @@ def prepare(tmp: Path, archs: list[str], train_images: int) -> tuple[str, dict[s
     return data_root, teachers
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

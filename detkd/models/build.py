@@ -3,16 +3,9 @@
 The result is an unmodified torchvision ``FasterRCNN``, ``RetinaNet`` or ``FCOS``: the same modules and
 state-dict keys as torchvision's own ``*_resnet50_fpn`` builders, with the backbone, FPN width, anchors
 and sampler settings taken from the config. Every head has ``num_classes + 1`` outputs (index 0 is
-background, as in torchvision's COCO models).
-
-Pyramids are the same for every backbone of one family, so any teacher / student pair of a family has
-the same levels:
-
-- Faster R-CNN: P2-P5 from the backbone's stride 4, 8, 16, 32 stages plus a max-pooled P6 (``"pool"``);
-  level names ``"0" "1" "2" "3" "pool"``.
-- RetinaNet, FCOS: P3-P5 from the stride 8, 16, 32 stages plus P6, P7 computed from P5
-  (``LastLevelP6P7(C, C)``, torchvision's ``retinanet_resnet50_fpn`` and ``fcos_resnet50_fpn`` layout);
-  level names ``"0" "1" "2" "p6" "p7"``.
+background, as in torchvision's COCO models). The construction and the pyramid layout are in
+:mod:`detkd.models.torchvision_build`; this module validates the config, loads weights and describes
+pyramids for the distillers.
 """
 
 from __future__ import annotations
