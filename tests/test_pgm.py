@@ -11,6 +11,7 @@ from detkd.distill.pgm import (
     coupled_coefficients,
     density_candidates,
     project,
+    project_grouped,
     prototype_density,
     select_prototypes,
 )
@@ -387,3 +388,106 @@ def test_project_bad_shapes():
         project(torch.randn(4, 5), torch.randn(4, 3), torch.randn(2, 5), torch.randn(3, 3), 1.0)
     lt, ls = project(torch.randn(4, 5), torch.randn(4, 3), torch.zeros(0, 5), torch.zeros(0, 3), 1.0)
     assert lt.shape == (4, 0) and ls.shape == (4, 0)
+
+
+def sequential_eq5(ft, fs, pt, ps, lam):
+    """Eq. 5 one prototype after the other on explicit residuals (Eq. 3), in torch so that it differentiates."""
+    rt, rs = ft, fs
+    cols_t, cols_s = [], []
+    for j in range(pt.shape[0]):
+        p_t, p_s = rt @ pt[j], rs @ ps[j]
+        n_t, n_s = pt[j] @ pt[j], ps[j] @ ps[j]
+        den = n_t * n_s + lam * (n_t + n_s)
+        if float(den.detach()) > 0:
+            a = ((n_s + lam) * p_t + lam * p_s) / den
+            b = ((n_t + lam) * p_s + lam * p_t) / den
+        else:  # minimum-norm solution: decoupled, 0 for a zero prototype
+            a = p_t / n_t if float(n_t.detach()) > 0 else torch.zeros_like(p_t)
+            b = p_s / n_s if float(n_s.detach()) > 0 else torch.zeros_like(p_s)
+        cols_t.append(a)
+        cols_s.append(b)
+        rt, rs = rt - a[:, None] * pt[j], rs - b[:, None] * ps[j]
+    return torch.stack(cols_t, dim=1), torch.stack(cols_s, dim=1)
+
+
+def random_prototypes(g, k, d_t, d_s):
+    """Prototypes with norms spread over two orders of magnitude (float64)."""
+    pt = torch.randn(k, d_t, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, k, dtype=torch.float64)[:, None]
+    ps = torch.randn(k, d_s, generator=g, dtype=torch.float64) * torch.rand(k, 1, generator=g, dtype=torch.float64) * 5
+    return pt, ps
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7, 10.0])
+def test_project_triangular_solve_equals_sequential_loop_with_gradients(lam):
+    g = torch.Generator().manual_seed(3)
+    ft = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    fs = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    pt, ps = random_prototypes(g, 10, 5, 4)
+    pt.requires_grad_()
+    ps.requires_grad_()
+    lt, ls = project(ft, fs, pt, ps, lam)
+    rt, rs = sequential_eq5(ft, fs, pt, ps, lam)
+    assert torch.allclose(lt, rt, rtol=1e-10, atol=1e-12) and torch.allclose(ls, rs, rtol=1e-10, atol=1e-12)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(((ls - lt) ** 2 * w).sum() + (lt * w).sum(), (ft, fs, pt, ps))
+    want = torch.autograd.grad(((rs - rt) ** 2 * w).sum() + (rt * w).sum(), (ft, fs, pt, ps))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("lam,normalize", [(0.0, False), (2.5, False), (10.0, True)])
+def test_project_grouped_equals_per_class_sequential_loop(lam, normalize):
+    # Classes with K_c = 4, 2, 1 prototypes, padded with zero prototypes to K = 4 in the stacks.
+    g = torch.Generator().manual_seed(11)
+    counts = [4, 2, 1]
+    protos = [random_prototypes(g, kc, 5, 3) for kc in counts]
+    stack_t = torch.zeros(3, 4, 5, dtype=torch.float64)
+    stack_s = torch.zeros(3, 4, 3, dtype=torch.float64)
+    for c, (pt, ps) in enumerate(protos):
+        stack_t[c, : counts[c]], stack_s[c, : counts[c]] = pt, ps
+    groups = torch.tensor([2, 0, 1, 0, 2, 1, 1, 0])
+    ft = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    fs = torch.randn(8, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    lt, ls = project_grouped(ft, fs, groups, stack_t, stack_s, lam, normalize=normalize)
+    assert lt.shape == (8, 4) and ls.shape == (8, 4)
+
+    w = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    loss_ref = ft.new_zeros(())
+    for c, (pt, ps) in enumerate(protos):
+        rows = torch.nonzero(groups == c).squeeze(1)
+        ft_c, fs_c = ft[rows], fs[rows]
+        if normalize:
+            ft_c, fs_c = torch.nn.functional.normalize(ft_c, dim=1), torch.nn.functional.normalize(fs_c, dim=1)
+            pt, ps = torch.nn.functional.normalize(pt, dim=1), torch.nn.functional.normalize(ps, dim=1)
+        rt, rs = sequential_eq5(ft_c, fs_c, pt, ps, lam)
+        kc = counts[c]
+        assert torch.allclose(lt[rows, :kc], rt, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(ls[rows, :kc], rs, rtol=1e-10, atol=1e-12)
+        # the zero padding gives coordinates that are exactly 0
+        assert (lt[rows, kc:] == 0).all() and (ls[rows, kc:] == 0).all()
+        loss_ref = loss_ref + (((rs - rt) ** 2 + rs) * w[rows, :kc]).sum()
+    loss = (((ls - lt) ** 2 + ls) * w).sum()
+    got = torch.autograd.grad(loss, (ft, fs))
+    want = torch.autograd.grad(loss_ref, (ft, fs))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_project_grouped_one_class_equals_project_and_bad_input():
+    g = torch.Generator().manual_seed(2)
+    ft, fs = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
+    pt, ps = torch.randn(3, 4, generator=g), torch.randn(3, 3, generator=g)
+    groups = torch.zeros(5, dtype=torch.int64)
+    lt, ls = project_grouped(ft, fs, groups, pt[None], ps[None], 1.5)
+    rt, rs = project(ft, fs, pt, ps, 1.5)
+    assert torch.allclose(lt, rt, atol=1e-6) and torch.allclose(ls, rs, atol=1e-6)
+    lt, ls = project_grouped(ft[:0], fs[:0], groups[:0], pt[None], ps[None], 1.5)
+    assert lt.shape == (0, 3) and ls.shape == (0, 3)
+    with pytest.raises(ValueError, match="groups must lie in"):
+        project_grouped(ft, fs, groups + 1, pt[None], ps[None], 1.5)
+    with pytest.raises(ValueError, match="one entry per instance"):
+        project_grouped(ft, fs, groups[:3], pt[None], ps[None], 1.5)
+    with pytest.raises(ValueError, match=r"\(C, K, D\) stacks"):
+        project_grouped(ft, fs, groups, pt, ps, 1.5)
+    with pytest.raises(ValueError, match="prototype widths"):
+        project_grouped(ft, fs, groups, pt[None, :, :3], ps[None], 1.5)

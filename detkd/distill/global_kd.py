@@ -7,8 +7,9 @@ Registered names: ``global`` (the method), ``defeat_proto``, ``kd_proto``, ``rkd
 Per training batch, every instance (a ground-truth box by default) is pooled on every pyramid level
 (:func:`detkd.distill.prototypes.instance_features`), in both detectors. On level l an instance of class c
 is projected on that class's level-l prototypes, in each space, by the sequential coupled coefficients of
-Eq. 5 (:func:`detkd.distill.pgm.project`): Lambda^t, Lambda^s (K_c,). The teacher side and the prototypes
-are constants; gradients reach the student through its instance features (and the adapters).
+Eq. 5 (:func:`detkd.distill.pgm.project_grouped`: all classes of a level in one call): Lambda^t, Lambda^s
+(K_c,). The teacher side and the prototypes are constants; gradients reach the student through its instance
+features (and the adapters).
 
 Decisions (the paper leaves them open; each documented where it is made):
 
@@ -145,14 +146,32 @@ class Instances:
 
 @dataclass
 class LevelRelations:
-    """One pyramid level: pooled instance features and, per class with prototypes, the coordinates.
+    """One pyramid level: pooled instance features and the Eq. 5 coordinates of the M instances whose class
+    has prototypes, all classes together (zero beyond a row's own K_c, see
+    :func:`detkd.distill.pgm.project_grouped`).
 
-    ``groups``: (instance indices, Lambda^t (n, K_c), Lambda^s (n, K_c), prototypes).
+    ``groups`` splits the coordinates per class, in ascending class order: (instance indices,
+    Lambda^t (n, K_c), Lambda^s (n, K_c), prototypes).
     """
 
     ft: Tensor  # (N, Dt), constant
     fs: Tensor  # (N, Ds), differentiable
-    groups: list[tuple[Tensor, Tensor, Tensor, Prototypes]]
+    idx: Tensor  # (M,) int64, the rows among the N instances
+    lt: Tensor  # (M, K) Lambda^t, detached
+    ls: Tensor  # (M, K) Lambda^s, differentiable
+    kc: Tensor  # (M,) float, K_c of each row's class
+    slot: Tensor  # (M,) int64, each row's class as an index into ``protos``
+    protos: list[Prototypes]  # the level's classes with prototypes, ascending class order
+
+    @property
+    def groups(self) -> list[tuple[Tensor, Tensor, Tensor, Prototypes]]:
+        out = []
+        for j, p in enumerate(self.protos):
+            rows = torch.nonzero(self.slot == j).squeeze(1)
+            if rows.numel():
+                kc = p.indices.numel()
+                out.append((self.idx[rows], self.lt[rows, :kc], self.ls[rows, :kc], p))
+        return out
 
 
 def paper_sigma(lam_t: Tensor, lam_s: Tensor) -> Tensor:
@@ -165,6 +184,12 @@ def cosine_max_sigma(ft: Tensor, fs: Tensor, proto_t: Tensor, proto_s: Tensor) -
     cs = F.normalize(fs.detach(), dim=1) @ F.normalize(proto_s, dim=1).T
     ct = F.normalize(ft.detach(), dim=1) @ F.normalize(proto_t, dim=1).T
     return 1.0 - (cs.max(dim=1).values - ct.max(dim=1).values).abs()
+
+
+def paper_global_level(rel: LevelRelations, sigma: Tensor) -> Tensor:
+    """:func:`paper_global_terms` of a whole level at once (padded coordinates are 0 in both spaces)."""
+    sq = ((rel.ls - rel.lt) ** 2).sum(dim=1) / rel.kc
+    return (sigma[rel.idx] * sq).sum()
 
 
 def paper_global_terms(groups: list[tuple[Tensor, Tensor, Tensor, Prototypes]], sigma: Tensor) -> Tensor:
@@ -255,6 +280,8 @@ class PrototypeDistiller(Distiller):
         )
         self.refreshed_epoch = -1
         self.stats: dict[str, float] = {}
+        # level_stack's padded prototype stacks per (level, device), with the bank entries they came from
+        self._stack_cache: dict[tuple[int, str], tuple[list[int], list[Prototypes], Any]] = {}
 
     # -- Alg. 2 schedule
     def on_epoch_start(self, context: DistillContext) -> None:
@@ -307,38 +334,78 @@ class PrototypeDistiller(Distiller):
         lab = torch.cat(labels).to(torch.int64) if labels else torch.zeros(0, dtype=torch.int64, device=device)
         return Instances(boxes, lab, level, offsets, roi_positions)
 
+    def level_stack(self, level: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                   list[Prototypes]] | None:
+        """The prototypes of every class on ``level`` as zero-padded stacks for
+        :func:`detkd.distill.pgm.project_grouped`: (slot (max class + 1,) int64, -1 for a class without
+        prototypes; teacher (C, K, Dt); student (C, K, Ds); K_c (C,) float; the C :class:`Prototypes` in
+        slot order, which is ascending class order).
+
+        Cached until the bank's entries for the level change (a refresh or a loaded state replaces them).
+        """
+        protos = self.bank.protos[level] if level < len(self.bank.protos) else {}
+        classes = sorted(c for c, p in protos.items() if p.indices.numel() > 0)
+        if not classes:
+            return None
+        key = (level, str(device))
+        cached = self._stack_cache.get(key)
+        if (cached is not None and cached[0] == classes
+                and all(a is protos[c] for a, c in zip(cached[1], classes))):
+            return cached[2]
+        ps = [p for c in classes if (p := self.bank.get(level, c, device)) is not None]  # all of them
+        k = max(p.indices.numel() for p in ps)
+        pt = torch.zeros((len(ps), k, ps[0].teacher.shape[1]), device=device)
+        pst = torch.zeros((len(ps), k, ps[0].student.shape[1]), device=device)
+        for i, p in enumerate(ps):  # zero rows after a class's K_c prototypes: coordinates 0 (project_grouped)
+            pt[i, : p.teacher.shape[0]] = p.teacher
+            pst[i, : p.student.shape[0]] = p.student
+        slot = torch.full((max(classes) + 1,), -1, dtype=torch.int64, device=device)
+        slot[classes] = torch.arange(len(classes), device=device)
+        counts = torch.tensor([float(p.indices.numel()) for p in ps], device=device)
+        stack = (slot, pt, pst, counts, ps)
+        self._stack_cache[key] = (classes, [protos[c] for c in classes], stack)
+        return stack
+
     def relations(self, teacher: Taps, student: Taps, inst: Instances) -> list[LevelRelations]:
-        """Per level: pooled features and Eq. 5 coordinates of every instance whose class has prototypes."""
-        from detkd.distill.pgm import project
+        """Per level: pooled features and Eq. 5 coordinates of every instance whose class has prototypes,
+        all classes of a level in one :func:`~detkd.distill.pgm.project_grouped` call."""
+        from detkd.distill.pgm import project_grouped
 
         opts = self.opts
         out = []
         device = student.features[0].device
+        labels = inst.labels
+        any_instance = inst.num > 0
         with torch.autocast(device_type=device.type, enabled=False):
             fts = instance_features_levels(teacher, inst.boxes, opts.extraction, opts.roi_size)
             fss = instance_features_levels(student, inst.boxes, opts.extraction, opts.roi_size)
             for lv in range(len(student.features)):
                 ft, fs = fts[lv].detach().float(), fss[lv].float()
-                groups = []
-                for c in inst.labels.unique().tolist():
-                    p = self.bank.get(lv, int(c), device)
-                    if p is None or p.indices.numel() == 0:
-                        continue
-                    idx = torch.nonzero(inst.labels == c).squeeze(1)
-                    lt, ls = project(ft[idx], fs[idx], p.teacher, p.student, opts.lam, normalize=opts.normalize)
-                    groups.append((idx, lt.detach(), ls, p))
-                out.append(LevelRelations(ft, fs, groups))
+                stack = self.level_stack(lv, device)
+                if stack is None or not any_instance:
+                    none = torch.zeros(0, dtype=torch.int64, device=device)
+                    out.append(LevelRelations(ft, fs, none, ft.new_zeros(0, 0), ft.new_zeros(0, 0),
+                                              ft.new_zeros(0), none, []))
+                    continue
+                slot_of, pt, pst, counts, ps = stack
+                # each instance's row in the stacks (-1: its class has no prototypes on this level)
+                in_range = (labels >= 0) & (labels < slot_of.shape[0])
+                slot = torch.where(in_range, slot_of[labels.clamp(0, slot_of.shape[0] - 1)], -1)
+                keep = torch.nonzero(slot >= 0).squeeze(1)
+                slot = slot[keep]
+                lt, ls = project_grouped(ft[keep], fs[keep], slot, pt, pst, opts.lam, normalize=opts.normalize)
+                out.append(LevelRelations(ft, fs, keep, lt.detach(), ls, counts[slot], slot, ps))
         return out
 
     def sigmas(self, rels: list[LevelRelations], n: int, device: torch.device) -> Tensor:
         """(L, N) sigma of every instance on every level (1 where its class has no prototype)."""
         sig = torch.ones((len(rels), n), device=device)
         for lv, rel in enumerate(rels):
-            for idx, lt, ls, p in rel.groups:
-                if self.opts.sigma == "paper":
-                    sig[lv, idx] = paper_sigma(lt, ls)
-                else:
-                    sig[lv, idx] = cosine_max_sigma(rel.ft[idx], rel.fs[idx], p.teacher, p.student)
+            if self.opts.sigma == "paper":
+                sig[lv, rel.idx] = paper_sigma(rel.lt, rel.ls)  # the zero padding leaves the norm unchanged
+                continue
+            for idx, _, _, p in rel.groups:
+                sig[lv, idx] = cosine_max_sigma(rel.ft[idx], rel.fs[idx], p.teacher, p.student)
         return sig
 
     def batch_sigmas(self, teacher: Taps, student: Taps,
@@ -360,8 +427,7 @@ class PrototypeDistiller(Distiller):
     def record_stats(self, rels: list[LevelRelations], sig: Tensor) -> None:
         has = torch.zeros_like(sig, dtype=torch.bool)
         for lv, rel in enumerate(rels):
-            for idx, *_ in rel.groups:
-                has[lv, idx] = True
+            has[lv, rel.idx] = True
         vals = sig[has]
         self.stats = {
             "sigma_mean": float(vals.mean()) if vals.numel() else 1.0,
@@ -438,7 +504,7 @@ class GlobalKD(PrototypeDistiller):
             total = anchor
             for lv, rel in enumerate(rels):
                 if opts.global_loss == "paper":
-                    total = total + paper_global_terms(rel.groups, sig[lv]) / (2.0 * n)
+                    total = total + paper_global_level(rel, sig[lv]) / (2.0 * n)
                 else:
                     protos = self.bank.all_classes(lv, device)
                     if protos is not None and inst.num:
@@ -588,7 +654,7 @@ class RKDProto(PrototypeDistiller):
         inst, rels, _ = self.batch_sigmas(teacher, student, targets)
         n = max(inst.num, 1)
         total = graph_zero(list(student.features))
-        for rel in rels:
-            for _, lt, ls, _ in rel.groups:
-                total = total + F.smooth_l1_loss(ls, lt, reduction="none").mean(dim=1).sum() / n
+        for rel in rels:  # mean over each row's own K_c coordinates (the padded ones are 0 in both)
+            rows = F.smooth_l1_loss(rel.ls, rel.lt, reduction="none").sum(dim=1) / rel.kc
+            total = total + rows.sum() / n
         return {"rkd_proto": self.opts.weight * total}

@@ -43,7 +43,8 @@ The running sums S, the coefficients and the costs are kept in float64 whatever 
 products use, so float32 only rounds the matrix products (about 1e-7 relative); exact recomputation is
 never needed.
 
-The RDM coordinates (Eq. 6, 8: "calculated exactly the same as in Eq. 5") are :func:`project`.
+The RDM coordinates (Eq. 6, 8: "calculated exactly the same as in Eq. 5") are :func:`project` (one
+triangular solve for the K sequential steps) and :func:`project_grouped` (many classes in one call).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ __all__ = [
     "select_prototypes",
     "coupled_coefficients",
     "project",
+    "project_grouped",
     "prototype_density",
     "density_candidates",
 ]
@@ -149,6 +151,48 @@ def coupled_coefficients(
     return c1 * p_t + c2 * p_s, c2 * p_t + d1 * p_s
 
 
+def _eq5_factors(q_t: Tensor, q_s: Tensor, lam: float) -> Tensor:
+    """Eq. 5 factors (c1, c2, d1) of each prototype from the Gram matrices (..., K, K): (..., K, 3)."""
+    return torch.stack(_coefficient_factors(q_t.diagonal(dim1=-2, dim2=-1), q_s.diagonal(dim1=-2, dim2=-1), lam), -1)
+
+
+def _eq5_system(q_t: Tensor, q_s: Tensor, fac: Tensor) -> Tensor:
+    """Unit lower-triangular (..., 2K, 2K) matrix of the K sequential Eq. 5 steps (see :func:`project`).
+
+    q_t, q_s: (..., K, K) prototype Gram matrices <g_l, g_j>; fac (..., K, 3) from :func:`_eq5_factors`.
+    Row 2j is a_j's equation and row 2j+1 b_j's: a_j + sum_{l<j} (c1_j Qt[l, j] a_l + c2_j Qs[l, j] b_l) =
+    c1_j <f^t, g_j^t> + c2_j <f^s, g_j^s>, and b_j likewise with (c2_j, d1_j).
+    """
+    k = q_t.shape[-1]
+    c1, c2, d1 = fac[..., 0, None], fac[..., 1, None], fac[..., 2, None]
+    lt, ls = q_t.transpose(-1, -2).tril(-1), q_s.transpose(-1, -2).tril(-1)  # [j, l] = Q[l, j] for l < j
+    row_a = torch.stack([c1 * lt, c2 * ls], dim=-1)  # (..., K, K, 2)
+    row_b = torch.stack([c2 * lt, d1 * ls], dim=-1)
+    blocks = torch.stack([row_a, row_b], dim=-3)  # (..., K, 2, K, 2)
+    eye = torch.eye(2 * k, dtype=q_t.dtype, device=q_t.device)
+    return blocks.reshape(*q_t.shape[:-2], 2 * k, 2 * k) + eye
+
+
+def _eq5_rhs(m_t: Tensor, m_s: Tensor, fac: Tensor) -> Tensor:
+    """Right-hand side (..., 2K) of :func:`_eq5_system` from m = <f_i, g_j> (..., K) and the factors."""
+    c1, c2, d1 = fac.unbind(-1)
+    return torch.stack([c1 * m_t + c2 * m_s, c2 * m_t + d1 * m_s], dim=-1).flatten(-2)
+
+
+def _check_projection_args(
+    feat_t: Tensor, feat_s: Tensor, proto_t: Tensor, proto_s: Tensor, lam: float, where: str
+) -> None:
+    _check_lam(lam, where)
+    _check_pair(feat_t, feat_s, where)
+    if proto_t.shape[-1] != feat_t.shape[1] or proto_s.shape[-1] != feat_s.shape[1]:
+        raise ValueError(
+            f"{where}: prototype widths {proto_t.shape[-1]}, {proto_s.shape[-1]} do not match feature widths "
+            f"{feat_t.shape[1]}, {feat_s.shape[1]} (teacher, student)"
+        )
+    if proto_t.device != feat_t.device or proto_s.device != feat_t.device:
+        raise ValueError(f"{where}: prototypes are on {proto_t.device} but features on {feat_t.device}")
+
+
 def project(
     feat_t: Tensor, feat_s: Tensor, proto_t: Tensor, proto_s: Tensor, lam: float, *, normalize: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -157,46 +201,87 @@ def project(
     The prototypes are taken in order, like the picks of Alg. 1: coordinate j is the coupled coefficient
     pair of Eq. 5 for prototype j and the residual left by prototypes 0..j-1, after which a_j g_j^t and
     b_j g_j^s are subtracted (Eq. 3). The residuals are not materialised: <r_i, g_j> = <f_i, g_j> -
-    sum_{l<j} a_l[i] <g_l, g_j>, so the cost is O(N K D + N K^2) and autograd keeps O(N K) per space.
+    sum_{l<j} a_l[i] <g_l, g_j>, so with (c1_j, c2_j, d1_j) the Eq. 5 factors of prototype j
+
+        a_j = c1_j (<f^t, g_j^t> - sum_{l<j} a_l <g_l^t, g_j^t>) + c2_j (<f^s, g_j^s> - sum_{l<j} b_l <g_l^s, g_j^s>)
+
+    and b_j likewise with (c2_j, d1_j). These K sequential steps are a forward substitution: the unknowns
+    (a_0, b_0, a_1, b_1, ...) of every instance solve one unit lower-triangular (2K x 2K) system, the same
+    for all instances (it depends on the prototypes only), so all steps are one ``solve_triangular`` with N
+    right-hand sides. Cost O(N K D + N K^2 + K^3).
 
     feat_t (N, Dt), feat_s (N, Ds), proto_t (K, Dt), proto_s (K, Ds). Differentiable w.r.t. all four
     (detach the prototypes and the teacher side in the caller when they must not be trained).
     ``normalize=True`` L2-normalises features and prototypes first (zero rows stay zero), as the authors
     do before selection.
     """
-    _check_lam(lam, "project")
-    _check_pair(feat_t, feat_s, "project")
     _check_pair(proto_t, proto_s, "project", names=("proto_t", "proto_s"))
-    if proto_t.shape[1] != feat_t.shape[1] or proto_s.shape[1] != feat_s.shape[1]:
-        raise ValueError(
-            f"project: prototype widths {proto_t.shape[1]}, {proto_s.shape[1]} do not match feature widths "
-            f"{feat_t.shape[1]}, {feat_s.shape[1]} (teacher, student)"
-        )
-    if proto_t.device != feat_t.device:
-        raise ValueError(f"project: prototypes are on {proto_t.device} but features on {feat_t.device}")
+    _check_projection_args(feat_t, feat_s, proto_t, proto_s, lam, "project")
     if normalize:
         feat_t, feat_s = F.normalize(feat_t, dim=1), F.normalize(feat_s, dim=1)
         proto_t, proto_s = F.normalize(proto_t, dim=1), F.normalize(proto_s, dim=1)
-
     n, k = feat_t.shape[0], proto_t.shape[0]
-    m_t, m_s = feat_t @ proto_t.T, feat_s @ proto_s.T  # <f_i, g_j>, (N, K)
-    q_t, q_s = proto_t @ proto_t.T, proto_s @ proto_s.T  # <g_l, g_j>, (K, K)
-    # the Eq. 5 factors of all K prototypes at once (they depend on the norms only): one batch of small ops
-    # instead of one per prototype, which dominated the cost at RDM sizes (a few instances, K = 10)
-    c1, c2, d1 = _coefficient_factors(q_t.diagonal(), q_s.diagonal(), lam)
-    cols_t: list[Tensor] = []
-    cols_s: list[Tensor] = []
-    for j in range(k):
-        p_t, p_s = m_t[:, j], m_s[:, j]
-        if j:
-            p_t = p_t - torch.stack(cols_t, dim=1) @ q_t[:j, j]
-            p_s = p_s - torch.stack(cols_s, dim=1) @ q_s[:j, j]
-        cols_t.append(c1[j] * p_t + c2[j] * p_s)
-        cols_s.append(c2[j] * p_t + d1[j] * p_s)
     if k == 0:
         empty = feat_t.new_zeros(n, 0)
         return empty, empty.clone()
-    return torch.stack(cols_t, dim=1), torch.stack(cols_s, dim=1)
+    q_t, q_s = proto_t @ proto_t.T, proto_s @ proto_s.T  # <g_l, g_j>, (K, K)
+    fac = _eq5_factors(q_t, q_s, lam)
+    rhs = _eq5_rhs(feat_t @ proto_t.T, feat_s @ proto_s.T, fac)  # (N, 2K)
+    x = torch.linalg.solve_triangular(_eq5_system(q_t, q_s, fac), rhs.T, upper=False, unitriangular=True)
+    x = x.T.reshape(n, k, 2)
+    return x[..., 0], x[..., 1]
+
+
+def project_grouped(
+    feat_t: Tensor,
+    feat_s: Tensor,
+    groups: Tensor,
+    proto_t: Tensor,
+    proto_s: Tensor,
+    lam: float,
+    *,
+    normalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """:func:`project` of instances of several classes in one call, each on its own class's prototypes.
+
+    feat_t (N, Dt), feat_s (N, Ds); groups (N,) int64, the row of instance i in the prototype stacks
+    proto_t (C, K, Dt), proto_s (C, K, Ds). A class with K_c < K prototypes is padded with zero rows after
+    its K_c prototypes: a zero prototype has zero norms, so its Eq. 5 factors are 0 (the den = 0 branch
+    of :func:`coupled_coefficients`), its coordinates come out exactly 0, and it has zero inner products
+    with everything, so it changes no other coordinate. Returns Lambda^t, Lambda^s (N, K); columns K_c..K-1
+    of a class-c row are 0, columns 0..K_c-1 equal ``project`` on the class's K_c prototypes. One batched
+    triangular solve over the instances (each with its class's matrix). Differentiable like ``project``.
+    """
+    where = "project_grouped"
+    _check_projection_args(feat_t, feat_s, proto_t, proto_s, lam, where)
+    if proto_t.dim() != 3 or proto_s.dim() != 3 or proto_t.shape[:2] != proto_s.shape[:2]:
+        raise ValueError(
+            f"{where}: proto_t and proto_s must be (C, K, D) stacks with the same C and K, got shapes "
+            f"{tuple(proto_t.shape)} and {tuple(proto_s.shape)}"
+        )
+    if groups.dim() != 1 or groups.shape[0] != feat_t.shape[0] or groups.dtype != torch.int64:
+        raise ValueError(
+            f"{where}: groups must be an int64 vector with one entry per instance ({feat_t.shape[0]}), "
+            f"got {groups.dtype} of shape {tuple(groups.shape)}"
+        )
+    n, k = feat_t.shape[0], proto_t.shape[1]
+    if n and (int(groups.min()) < 0 or int(groups.max()) >= proto_t.shape[0]):
+        raise ValueError(f"{where}: groups must lie in [0, {proto_t.shape[0]}), got {groups.tolist()}")
+    if normalize:
+        feat_t, feat_s = F.normalize(feat_t, dim=1), F.normalize(feat_s, dim=1)
+        proto_t, proto_s = F.normalize(proto_t, dim=2), F.normalize(proto_s, dim=2)
+    if k == 0 or n == 0:
+        empty = feat_t.new_zeros(n, k)
+        return empty, empty.clone()
+    q_t, q_s = proto_t @ proto_t.transpose(1, 2), proto_s @ proto_s.transpose(1, 2)  # (C, K, K)
+    fac = _eq5_factors(q_t, q_s, lam)  # (C, K, 3)
+    system = _eq5_system(q_t, q_s, fac)[groups]  # (N, 2K, 2K)
+    m_t = (proto_t[groups] @ feat_t[:, :, None]).squeeze(2)  # <f_i, g_j> with i's class's prototypes, (N, K)
+    m_s = (proto_s[groups] @ feat_s[:, :, None]).squeeze(2)
+    rhs = _eq5_rhs(m_t, m_s, fac[groups])  # (N, 2K)
+    x = torch.linalg.solve_triangular(system, rhs[:, :, None], upper=False, unitriangular=True)
+    x = x.reshape(n, k, 2)
+    return x[..., 0], x[..., 1]
 
 
 def _inverse_norms(f: Tensor) -> Tensor:
