@@ -40,11 +40,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def model_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model state dict inside a detkd checkpoint (``model`` key), or the object itself."""
-    return obj["model"] if "model" in obj and isinstance(obj["model"], dict) else obj
-
-
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
 
 

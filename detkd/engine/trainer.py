@@ -22,9 +22,7 @@ from torch.utils.data import DistributedSampler, Sampler
 from detkd.config import Config, ConfigError, to_dict
 from detkd.engine import dist
 from detkd.engine.checkpoint import (
-    CheckpointError,
     load_checkpoint,
-    model_state,
     rotate_epoch_checkpoints,
     save_checkpoint,
 )
@@ -449,17 +447,11 @@ def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, sc
 def evaluate_checkpoint(cfg: Config, checkpoint: str, progress: bool = True) -> dict[str, float]:
     """Evaluate a detkd checkpoint, or a plain/exported state dict, with the model of ``cfg``."""
     from detkd.data import build_dataset, build_loader
-    from detkd.models import build_detector
+    from detkd.models import build_detector, checkpoint_state_dict, load_checked
 
     device = resolve_device(cfg.train.device)
     model = build_detector(cfg.model)
-    obj = load_checkpoint(checkpoint)
-    try:
-        model.load_state_dict(model_state(obj))
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit model {cfg.model.arch}/"
-                              f"{cfg.model.backbone} with {cfg.model.num_classes} classes: {' '.join(first)}") from e
+    load_checked(model, checkpoint_state_dict(checkpoint), checkpoint)
     model.to(device)
     val_set = build_dataset(cfg.data, "val", cfg.model)
     loader = build_loader(val_set, cfg.data.batch_size, cfg.data.workers, shuffle=False,

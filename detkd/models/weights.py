@@ -19,6 +19,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from detkd.engine.checkpoint import CheckpointError, load_checkpoint
 from detkd.utils import info
 
 DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation; a download that stalls longer fails
@@ -57,7 +58,7 @@ def torchvision_state_dict(name: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> di
             weights.url, model_dir=model_dir, map_location="cpu", progress=False, weights_only=True
         )
     except Exception as e:  # URLError, timeout, hash mismatch...: all mean "no usable file"
-        raise RuntimeError(
+        raise CheckpointError(
             f"could not download weights {name} from {weights.url} ({type(e).__name__}: {e}); without "
             f"internet, put the file at {cached} or pass a local checkpoint path"
         ) from None
@@ -70,16 +71,13 @@ def checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from None
+    obj = load_checkpoint(path)  # weights_only: never executes pickled code
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # detkd checkpoint
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise RuntimeError(f"checkpoint {path} holds no state dict (expected tensors or a 'model' entry)")
+        raise CheckpointError(f"checkpoint {path} holds no state dict (expected tensors or a 'model' entry)")
     if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -117,7 +115,7 @@ def load_checked(
     bad = [m for m in mismatched if m[0] not in skipped]
     if bad:
         shown = "; ".join(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in bad[:4])
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {source} does not fit this {type(module).__name__} ({len(bad)} tensors differ in "
             f"shape; another architecture, width or class count?): {shown}"
         )
@@ -125,12 +123,12 @@ def load_checked(
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape errors after torchvision's own key renaming (old RetinaNet heads)
-        raise RuntimeError(f"checkpoint {source} does not fit this {type(module).__name__}: {e}") from None
+        raise CheckpointError(f"checkpoint {source} does not fit this {type(module).__name__}: {e}") from None
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")
                and k not in skipped and not k.startswith(allow_missing)]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {source} does not fit this {type(module).__name__}: {len(missing)} missing keys "
             f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}"
         )
