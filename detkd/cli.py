@@ -158,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     except known as e:
         print(f"detkd: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from detkd.engine.trainer import NonFiniteLossError
+
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"detkd: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("detkd: interrupted", file=sys.stderr)
         return 130
