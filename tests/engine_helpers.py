@@ -47,3 +47,29 @@ def with_distill(cfg: Config, teacher_ckpt: str, methods: list[str | MethodConfi
     if out is not None:
         cfg.output_dir = str(out)
     return cfg
+
+
+def real_pair_taps(arch: str, teacher_fpn: int, build_method):
+    """Tiny random torchvision student (FPN 32) and frozen teacher, one padded batch with an empty image, and
+    their taps: ``(student, teacher, method, det_losses, teacher_taps, student_taps, targets)``.
+    ``build_method(teacher_channels, student_channels)`` makes the distiller under test."""
+    import torch
+
+    from detkd.models import build_detector, feature_channels
+    from detkd.taps import tap_student, tap_teacher, transform_batch
+
+    torch.manual_seed(0)
+    common = dict(arch=arch, backbone="resnet18", num_classes=3, min_size=64, max_size=64,
+                  box_batch_size_per_image=32, rpn_batch_size_per_image=32, rpn_pre_nms_top_n_train=100,
+                  rpn_post_nms_top_n_train=50)
+    student = build_detector(ModelConfig(fpn_channels=32, **common)).train()
+    teacher = build_detector(ModelConfig(fpn_channels=teacher_fpn, **common)).eval().requires_grad_(False)
+    method = build_method(feature_channels(teacher), feature_channels(student))
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]  # the second is padded to 64 x 64
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
+                "labels": torch.tensor([1, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    image_list, tt = transform_batch(student, images, targets)
+    det_losses, s_taps = tap_student(student, image_list, tt)
+    t_taps = tap_teacher(teacher, image_list, tt, method.request(), s_taps)
+    return student, teacher, method, det_losses, t_taps, s_taps, tt

@@ -256,24 +256,10 @@ def test_registry_and_bad_input():
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
 def test_one_step_on_real_detectors(arch):
-    from detkd.config import ModelConfig
-    from detkd.models import build_detector, feature_channels
-    from detkd.taps import tap_student, tap_teacher, transform_batch
+    from tests.engine_helpers import real_pair_taps
 
-    torch.manual_seed(0)
-    common = dict(arch=arch, backbone="resnet18", num_classes=3, min_size=64, max_size=64,
-                  box_batch_size_per_image=32, rpn_batch_size_per_image=32, rpn_pre_nms_top_n_train=100,
-                  rpn_post_nms_top_n_train=50)
-    student = build_detector(ModelConfig(fpn_channels=32, **common)).train()
-    teacher = build_detector(ModelConfig(fpn_channels=48, **common)).eval().requires_grad_(False)
-    fgd = build_distiller("fgd", {}, feature_channels(teacher), feature_channels(student), arch)
-    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]  # the second is padded to 64 x 64
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
-                "labels": torch.tensor([1, 2])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
-    image_list, tt = transform_batch(student, images, targets)
-    det_losses, s_taps = tap_student(student, image_list, tt)
-    t_taps = tap_teacher(teacher, image_list, tt, fgd.request(), s_taps)
+    student, teacher, fgd, det_losses, t_taps, s_taps, tt = real_pair_taps(
+        arch, 48, lambda t, s: build_distiller("fgd", {}, t, s, arch))
     out = fgd(t_taps, s_taps, tt)
     assert all(torch.isfinite(v) and v > 0 for v in out.values()), out
     (sum(det_losses.values()) + sum(out.values())).backward()

@@ -335,24 +335,10 @@ def test_options_and_bad_taps():
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
 def test_one_step_on_real_detectors(arch):
-    from detkd.config import ModelConfig
-    from detkd.models import build_detector, feature_channels
-    from detkd.taps import tap_student, tap_teacher, transform_batch
+    from tests.engine_helpers import real_pair_taps
 
-    torch.manual_seed(0)
-    common = dict(arch=arch, backbone="resnet18", num_classes=3, min_size=64, max_size=64,
-                  box_batch_size_per_image=32, rpn_batch_size_per_image=32, rpn_pre_nms_top_n_train=100,
-                  rpn_post_nms_top_n_train=50)
-    student = build_detector(ModelConfig(fpn_channels=32, **common)).train()
-    teacher = build_detector(ModelConfig(fpn_channels=64, **common)).eval().requires_grad_(False)
-    gid = GID(GIDOptions(), feature_channels(teacher), feature_channels(student), arch)
-    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
-                "labels": torch.tensor([1, 2])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
-    image_list, tt = transform_batch(student, images, targets)
-    det_losses, s_taps = tap_student(student, image_list, tt)
-    t_taps = tap_teacher(teacher, image_list, tt, gid.request(), s_taps)
+    student, teacher, gid, det_losses, t_taps, s_taps, tt = real_pair_taps(
+        arch, 64, lambda t, s: GID(GIDOptions(), t, s, arch))
     gi = gid.select(t_taps, s_taps)
     assert all(1 <= len(b) <= 10 for b in gi)  # two random detectors disagree everywhere
     for b, (h, w) in zip(gi, s_taps.image_sizes):  # inside the un-padded image
