@@ -35,6 +35,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from detkd.config import ConfigError
 from detkd.distill.base import Distiller, register
+from detkd.distill.common import sigmoid_kl
 from detkd.taps import TapRequest, Taps, pool_boxes
 
 # torchvision's box coders: RetinaNet BoxCoder(1, 1, 1, 1), FCOS BoxLinearCoder(normalize_by_size=True),
@@ -233,23 +234,13 @@ def relation_loss(t_emb: Tensor, s_emb: Tensor, counts: list[int], batch_size: i
     return total / batch_size
 
 
-def binary_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Element-wise KL(p_t || p_s) of sigmoid probabilities softened by ``temperature``, times T^2 (the
-    soft-target BCE minus the teacher's entropy: same gradient, zero when the two agree)."""
-    xs = student_logits.float() / temperature
-    xt = teacher_logits.detach().float() / temperature
-    pt = torch.sigmoid(xt)
-    kl = pt * (F.logsigmoid(xt) - F.logsigmoid(xs)) + (1 - pt) * (F.logsigmoid(-xt) - F.logsigmoid(-xs))
-    return kl * temperature**2
-
-
 def dense_response_loss(t_cls: Tensor, s_cls: Tensor, t_reg: Tensor, s_reg: Tensor, mask: Tensor,
                         temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Response loss for one-stage heads on the anchors in ``mask`` (N, A): binary KL summed over the
     foreground classes (column 0 is never positive and is left out), L1 summed over the 4 regression
     outputs (the loss torchvision's RetinaNet trains them with), each averaged over the selected anchors."""
     num = mask.sum().clamp(min=1).float()
-    cls = binary_kl(s_cls[mask][:, 1:], t_cls[mask][:, 1:], temperature).sum() / num
+    cls = sigmoid_kl(s_cls[mask][:, 1:], t_cls[mask][:, 1:], temperature).sum() / num
     reg = (s_reg[mask].float() - t_reg[mask].detach().float()).abs().sum() / num
     return cls, reg
 
