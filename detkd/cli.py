@@ -87,6 +87,51 @@ def cmd_prototypes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from detkd.analysis import analyze_relations, compare_detections, parse_model_specs
+    from detkd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.analyze_command == "relations":
+        analyze_relations(cfg, args.checkpoint, args.out, k=args.k, images=args.images, seed=args.seed,
+                          kmeans_space=args.kmeans_space)
+        print(f"relation discrepancies written to {args.out}")
+    else:
+        out = compare_detections(cfg, parse_model_specs(args.model or []), args.out, images=args.images,
+                                 score=args.score, ground_truth=args.gt, teacher=not args.no_teacher,
+                                 cell=args.cell)
+        print(f"detections written to {out}")
+    return 0
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="the paper's analyses: relation discrepancy (Fig. 1), detections (Fig. 3)")
+    asub = p.add_subparsers(dest="analyze_command", required=True)
+    r = asub.add_parser("relations", help="Fig. 1 (right): teacher/student discrepancy of relations to "
+                        "prototypes, random instances and K-means centres, as histograms (docs/analysis.md)")
+    _add_config(r)
+    r.add_argument("--checkpoint", required=True, help="student checkpoint (CONFIG is its distill config)")
+    r.add_argument("--out", required=True, help="folder for relations.png / .json / .pt")
+    r.add_argument("--k", type=int, help="bases per class and level (default: the run's prototype k)")
+    r.add_argument("--images", type=int, help="images per class in the instance pool (default: the run's "
+                   "max_images_per_class; 0 = all)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random and K-means bases")
+    r.add_argument("--kmeans-space", choices=("teacher", "student"), default="teacher")
+    r.set_defaults(func=cmd_analyze)
+    d = asub.add_parser("detections", help="Fig. 3: detections of several models side by side on val images")
+    _add_config(d)
+    d.add_argument("--model", action="append", metavar="LABEL=CKPT",
+                   help="a column: label and checkpoint (student model, or teacher model if it does not fit); "
+                   "repeat for more")
+    d.add_argument("--out", required=True, help="PNG file (a .json listing goes next to it)")
+    d.add_argument("--images", type=int, default=4, help="first N validation images, one row each")
+    d.add_argument("--score", type=float, default=0.3, help="draw detections with at least this score")
+    d.add_argument("--gt", action="store_true", help="add a ground-truth column")
+    d.add_argument("--no-teacher", action="store_true", help="leave out the config's teacher column")
+    d.add_argument("--cell", type=int, default=256, help="px of a grid cell")
+    d.set_defaults(func=cmd_analyze)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="detkd", description="Knowledge distillation for torchvision detectors")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -132,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="student checkpoint")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_prototypes)
+
+    _add_analyze(sub)
     return ap
 
 

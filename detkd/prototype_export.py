@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from torch import nn
 
 from detkd.config import Config, ConfigError, to_dict
 from detkd.utils import atomic_write_text, info
@@ -44,7 +45,7 @@ BACKGROUND = (255, 255, 255)
 # Models and the bank
 
 
-def _prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
+def prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
     """(name, options) of the first method of the run that uses a prototype bank, else ``global``'s defaults."""
     from detkd.distill.base import REGISTRY
     from detkd.distill.global_kd import PrototypeDistiller
@@ -56,7 +57,7 @@ def _prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
     return "global", {}
 
 
-def _load_student(cfg: Config, checkpoint: str):
+def load_student(cfg: Config, checkpoint: str) -> nn.Module:
     """The student of ``cfg.model`` with the weights of ``checkpoint`` (detkd checkpoint or plain state dict)."""
     from detkd.engine.checkpoint import CheckpointError
     from detkd.models import build_detector, checkpoint_state_dict, load_checked
@@ -72,7 +73,8 @@ def _load_student(cfg: Config, checkpoint: str):
     return student
 
 
-def _load_teacher(cfg: Config):
+def load_teacher(cfg: Config) -> nn.Module:
+    """The frozen teacher of ``cfg.distill`` (model ``teacher``, weights ``teacher_checkpoint``), eval mode."""
     from detkd.engine.checkpoint import CheckpointError
     from detkd.engine.trainer import _with_weights
     from detkd.models import build_detector, check_pair
@@ -141,7 +143,7 @@ def instance_table(coco_gt: dict[str, Any]) -> tuple[dict[int, str], dict[tuple[
 # Gallery
 
 
-def _font(size: int = 12):
+def label_font(size: int = 12):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no size argument
@@ -175,10 +177,10 @@ def draw_gallery(rows: list[tuple[str, list[tuple[str, list[float]]]]], title: s
     width, height = gallery_size(len(rows), max(cols, 1))
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    draw.text((GAP, 3), title, fill=(0, 0, 0), font=_font(12))
+    draw.text((GAP, 3), title, fill=(0, 0, 0), font=label_font(12))
     for r, (label, items) in enumerate(rows):
         top = HEADER_H + r * (CELL + GAP)
-        draw.multiline_text((GAP, top + CELL // 2 - 14), label, fill=(0, 0, 0), font=_font(12))
+        draw.multiline_text((GAP, top + CELL // 2 - 14), label, fill=(0, 0, 0), font=label_font(12))
         for c, (file, box) in enumerate(items):
             crop = crop_instance(file, box)
             left = LABEL_W + c * (CELL + GAP)
@@ -210,10 +212,10 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     from detkd.distill import load_builtin
 
     load_builtin()
-    name, options = _prototype_method(cfg)
+    name, options = prototype_method(cfg)
     info(f"prototypes: method {name!r} options {options or '(defaults)'}; loading teacher and student")
-    teacher = _load_teacher(cfg)
-    student = _load_student(cfg, checkpoint)
+    teacher = load_teacher(cfg)
+    student = load_student(cfg, checkpoint)
     distiller = build_distiller(name, options, feature_channels(teacher), feature_channels(student),
                                 cfg.model.arch, where="distill.methods (prototype method)")
     bank = distiller.bank

@@ -276,6 +276,18 @@ class Prototypes:
     student: Tensor  # (K', Ds)
 
 
+@dataclass
+class InstancePool:
+    """The instances a refresh selects from (:meth:`PrototypeBank.extract_pool`), sorted by key, on CPU."""
+
+    keys: Tensor  # (N, 2) int64 (image id, box index among the image's non-ignored boxes)
+    labels: Tensor  # (N,) int64
+    areas: Tensor  # (N,) box areas in the transformed frame
+    ft: list[Tensor]  # per level (N, Dt): teacher features
+    fs: list[Tensor]  # per level (N, Ds): student features
+    plan_s: float  # seconds spent deciding the instances (before any detector ran)
+
+
 def _priority(seed: int, image_id: int, cls: int) -> int:
     """A seeded pseudo-random 64-bit priority of (image, class) (splitmix64): order- and rank-independent."""
     z = (seed * 0x9E3779B97F4A7C15 + image_id * 0xBF58476D1CE4E5B9 + cls * 0x94D049BB133111EB) & (2**64 - 1)
@@ -655,13 +667,13 @@ class PrototypeBank:
                     "areas": torch.zeros(0), "fs": None, "ft": None}
         return _concat(chunks)
 
-    def refresh(self, context: Any) -> dict[str, float]:
-        """Alg. 2 lines 4-5: extract instance features (teacher once, cached; the current student every
-        time), gather them from every rank, and reselect the prototypes of every (level, class).
+    def extract_pool(self, context: Any) -> InstancePool:
+        """Alg. 2 line 4 on its own: the instance features a refresh selects from (teacher once, cached; the
+        current student every time), gathered from every rank, sorted by key; no selection.
 
-        The instances are decided before any detector runs: at the first refresh from the targets
+        The instances are decided before any detector runs: at the first call from the targets
         (:meth:`_plan`: eligible boxes, images-per-class cap), later the cached ones; only the images
-        holding one are forwarded. Returns the timing / size statistics it also passes to ``context.log``.
+        holding one are forwarded. :meth:`refresh` is this followed by :meth:`build_from_features`.
         """
         from detkd.engine.dist import all_gather_cat, all_gather_objects
 
@@ -714,18 +726,25 @@ class PrototypeBank:
                     "training loader; the data changed"
                 )
             keys, labels, areas = cache["keys"], cache["labels"], cache["areas"]
+        return InstancePool(keys, labels, areas, self._teacher_cache["ft"], feats["fs"], t_plan - t0)
+
+    def refresh(self, context: Any) -> dict[str, float]:
+        """Alg. 2 lines 4-5: :meth:`extract_pool`, then reselect the prototypes of every (level, class)
+        (:meth:`build_from_features`). Returns the timing / size statistics it also passes to ``context.log``.
+        """
+        t0 = time.perf_counter()
+        pool = self.extract_pool(context)
         t1 = time.perf_counter()
-        self.build_from_features(self._teacher_cache["ft"], feats["fs"], labels, areas, device=context.device,
-                                 progress=True)
+        self.build_from_features(pool.ft, pool.fs, pool.labels, pool.areas, device=context.device, progress=True)
         t2 = time.perf_counter()
         stats = {
             "proto_refresh_s": t2 - t0,
-            "proto_plan_s": t_plan - t0,
+            "proto_plan_s": pool.plan_s,
             "proto_extract_s": t1 - t0,
             "proto_select_s": t2 - t1,
-            "proto_instances": float(keys.shape[0]),
-            "proto_images": float(keys[:, 0].unique().numel()),
-            "proto_classes": float(labels.unique().numel()),
+            "proto_instances": float(pool.keys.shape[0]),
+            "proto_images": float(pool.keys[:, 0].unique().numel()),
+            "proto_classes": float(pool.labels.unique().numel()),
         }
         context.log(stats)
         return stats

@@ -1,0 +1,695 @@
+"""``detkd analyze``: the two analyses of "Distilling Object Detectors with Global Knowledge" (ECCV 2022).
+
+**Fig. 1 (right): discrepancy of relations in TS-space** (``detkd analyze relations``). For one pyramid
+level l and one class c, let (f_i^t, f_i^s), i = 1..N, be the teacher / student features of the class's
+instances, extracted exactly as the global method's prototype bank does (ground-truth boxes of the
+non-augmented training set, RoIAlign / crop mean on level l, the run's ``extraction``, ``min_box`` and
+images-per-class cap: :meth:`detkd.distill.prototypes.PrototypeBank.extract_pool`). Three kinds of K
+basis pairs (g_k^t, g_k^s) are built from them, each a pair of vectors of the SAME basis in both spaces:
+
+- ``prototypes``: the K instances chosen by PGM (Alg. 1, Eq. 2-5), with the run's ``lam`` and PGM options
+  (:func:`detkd.distill.prototypes.generate`, ``"pgm"``): g_k = (f_{i_k}^t, f_{i_k}^s);
+- ``random``: K distinct instances drawn uniformly (seeded): g_k = (f_{i_k}^t, f_{i_k}^s);
+- ``kmeans``: Lloyd's K-means (k-means++ seeding, :func:`detkd.distill.prototypes.kmeans`) in the teacher
+  space (``kmeans_space="student"``: the student's); centre k of the pair is the mean of the SAME cluster
+  members in each space, g_k^t = mean_{i in C_k} f_i^t, g_k^s = mean_{i in C_k} f_i^s (in the clustering
+  space that is the K-means centre itself).
+
+"10 instances are selected for each class as the bases and others are used for measuring the
+discrepancy" (Fig. 1 caption): the instances that are a basis of ``prototypes`` or ``random`` are left
+out of the measurement, for all three kinds, so the three histograms count the same instances. For every
+other instance i two relations are measured, each in both spaces:
+
+- ``cosine`` (the paper's Fig. 1, Sec. 1: "we first measure the cosine similarity between the bases and
+  each of the other instances in the TS-space, and then calculate the discrepancy by l_1 distance"):
+  r_ik^t = cos(f_i^t, g_k^t), r_ik^s = cos(f_i^s, g_k^s), and
+
+      d_i = sum_{k=1..K} | r_ik^s - r_ik^t |                                   (l_1 over the K bases)
+
+- ``projection`` (the global knowledge of Sec. 3.2, the relation our ``global`` distiller trains on):
+  Lambda_i^t, Lambda_i^s = P_{G_t, G_s}(f_i^t, f_i^s), the sequential coupled coefficients of Eq. 5 over
+  the K bases (:func:`detkd.distill.pgm.project`, the run's ``lam`` and ``normalize``), and
+
+      d_i = || Lambda_i^s - Lambda_i^t ||_2                                     (Eq. 8: sigma_i = 1 - d_i)
+
+  (Eq. 6 averages d_i^2 / 2K over instances with the weights sigma_i.)
+
+The per-instance d_i of every (level, class) are pooled into one histogram per basis kind and relation.
+Written to ``OUT``: ``relations.png`` (one panel per relation, the three kinds overlaid),
+``relations.json`` (count / mean / median / std / 90th percentile per relation and kind, also per level;
+the definition; skipped (level, class) pairs with too few instances) and ``relations.pt`` (the raw d_i
+with their levels and classes; loads with ``weights_only=True``).
+
+**Fig. 3: detections side by side** (``detkd analyze detections``): the same validation images, one row
+per image, one column per model (ground truth optional in the first column, the teacher of the distill
+config next unless left out, then every ``LABEL=CHECKPOINT`` in the given order). Detections with score >=
+``score`` are drawn in original image coordinates with class name and score; as in the paper's figure,
+a detection that matches no ground-truth box (same class, IoU >= 0.5, each box matched once, highest
+scores first) is red, a matching one green; ground truth is blue. A JSON file next to the PNG lists the
+drawn detections.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from detkd.config import Config, ConfigError
+from detkd.utils import atomic_write_text, info
+
+KINDS = ("prototypes", "random", "kmeans")
+RELATIONS = ("cosine", "projection")
+KIND_COLORS = {"prototypes": "#d62728", "random": "#7f7f7f", "kmeans": "#1f77b4"}
+DISTANCE_LABELS = {
+    "cosine": r"$\sum_k |\cos(f^s, g^s_k) - \cos(f^t, g^t_k)|$  (Fig. 1: cosine relations, $l_1$)",
+    "projection": r"$\|\Lambda^s - \Lambda^t\|_2$  (Eq. 5 projections, Eq. 8)",
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Fig. 1: bases, relations, discrepancy
+
+
+@dataclass
+class Bases:
+    """K basis pairs: row k of ``teacher`` and of ``student`` are the same basis in the two spaces.
+    ``instances``: the indices of the instances used as bases (empty for K-means centres)."""
+
+    teacher: Tensor  # (K, Dt)
+    student: Tensor  # (K, Ds)
+    instances: Tensor  # (K',) int64
+
+
+def kmeans_bases(feat_t: Tensor, feat_s: Tensor, k: int, *, seed: int = 0, space: str = "teacher") -> Bases:
+    """K-means (:func:`detkd.distill.prototypes.kmeans`) in one space; centre k = the mean of cluster k's
+    members in EACH space (so the pair describes the same group of instances in both)."""
+    from detkd.distill.prototypes import kmeans
+
+    if space not in ("teacher", "student"):
+        raise ValueError(f"kmeans space: {space!r} is not 'teacher' or 'student'")
+    _, assign = kmeans(feat_t if space == "teacher" else feat_s, k, seed=seed)
+    clusters = [j for j in range(k) if bool((assign == j).any())]
+    t = torch.stack([feat_t[assign == j].float().mean(0) for j in clusters])
+    s = torch.stack([feat_s[assign == j].float().mean(0) for j in clusters])
+    return Bases(t, s, torch.zeros(0, dtype=torch.int64))
+
+
+def choose_bases(
+    feat_t: Tensor,
+    feat_s: Tensor,
+    k: int,
+    *,
+    lam: float = 10.0,
+    seed: int = 0,
+    kmeans_space: str = "teacher",
+    pgm_opts: dict[str, Any] | None = None,
+) -> dict[str, Bases]:
+    """The three kinds of K bases of Fig. 1 for the N paired instances ``feat_t`` (N, Dt), ``feat_s`` (N, Ds):
+    ``prototypes`` (PGM, ``lam`` and ``pgm_opts``), ``random`` (``seed``) and ``kmeans`` (in ``kmeans_space``,
+    ``seed``). See the module docstring. Needs N >= K."""
+    from detkd.distill.prototypes import generate
+
+    n = feat_t.shape[0]
+    if k < 1 or n < k:
+        raise ValueError(f"choose_bases: need 1 <= k <= N instances, got k={k}, N={n}")
+    out = {}
+    for kind, method in (("prototypes", "pgm"), ("random", "random")):
+        opts = dict(pgm_opts or {}) if method == "pgm" else {}
+        idx = generate(feat_t, feat_s, k, method, lam=lam, seed=seed, **opts)
+        out[kind] = Bases(feat_t[idx].float(), feat_s[idx].float(), idx)
+    out["kmeans"] = kmeans_bases(feat_t, feat_s, k, seed=seed, space=kmeans_space)
+    return out
+
+
+def relations(
+    feat_t: Tensor, feat_s: Tensor, bases: Bases, relation: str = "cosine", *, lam: float = 10.0,
+    normalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(R^t, R^s), each (N, K): the relation of every instance to the K bases in the teacher and in the student
+    space. ``cosine``: R_ik = cos(f_i, g_k) (a zero vector has cosine 0). ``projection``: the Eq. 5
+    coordinates Lambda^t, Lambda^s (:func:`detkd.distill.pgm.project` with ``lam``, ``normalize``)."""
+    from detkd.distill.pgm import project
+
+    ft, fs = feat_t.float(), feat_s.float()
+    if relation == "cosine":
+        return (F.normalize(ft, dim=1) @ F.normalize(bases.teacher, dim=1).T,
+                F.normalize(fs, dim=1) @ F.normalize(bases.student, dim=1).T)
+    if relation == "projection":
+        return project(ft, fs, bases.teacher, bases.student, lam, normalize=normalize)
+    raise ValueError(f"relation: {relation!r} is not one of {', '.join(RELATIONS)}")
+
+
+def discrepancy(rel_t: Tensor, rel_s: Tensor, relation: str = "cosine") -> Tensor:
+    """(N,) per-instance discrepancy of the relations: the l_1 distance of the rows for ``cosine`` (Fig. 1),
+    the l_2 distance for ``projection`` (Eq. 8's ||Lambda^s - Lambda^t||_2)."""
+    diff = rel_s - rel_t
+    if relation == "cosine":
+        return diff.abs().sum(dim=1)
+    if relation == "projection":
+        return diff.norm(dim=1)
+    raise ValueError(f"relation: {relation!r} is not one of {', '.join(RELATIONS)}")
+
+
+def relation_discrepancy(
+    feat_t: Tensor,
+    feat_s: Tensor,
+    bases: dict[str, Bases],
+    relation: str = "cosine",
+    *,
+    lam: float = 10.0,
+    normalize: bool = False,
+    exclude: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Per basis kind, the (M,) discrepancies d_i of the instances not in ``exclude`` (indices; None = the
+    instances any of ``bases`` uses), in instance order. The module docstring defines d_i."""
+    n = feat_t.shape[0]
+    if feat_s.shape[0] != n:
+        raise ValueError(f"relation_discrepancy: {n} teacher features but {feat_s.shape[0]} student features")
+    if exclude is None:
+        exclude = torch.cat([b.instances for b in bases.values()]) if bases else torch.zeros(0, dtype=torch.int64)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[exclude.long().cpu()] = False
+    ft, fs = feat_t[keep], feat_s[keep]
+    out = {}
+    for kind, b in bases.items():
+        rt, rs = relations(ft, fs, b, relation, lam=lam, normalize=normalize)
+        out[kind] = discrepancy(rt, rs, relation).detach().cpu()
+    return out
+
+
+@dataclass
+class RelationResult:
+    """Discrepancies pooled over (level, class): ``values[relation][kind]`` (M,), with each measured
+    instance's ``levels`` (M,) and ``classes`` (M,) (the same M instances for every relation and kind);
+    ``skipped``: (level, class, N) pairs with too few instances to leave one out of 2K bases."""
+
+    values: dict[str, dict[str, Tensor]]
+    levels: Tensor
+    classes: Tensor
+    skipped: list[tuple[int, int, int]]
+
+
+def pool_discrepancies(
+    feats_t: Sequence[Tensor],
+    feats_s: Sequence[Tensor],
+    labels: Tensor,
+    k: int,
+    *,
+    lam: float = 10.0,
+    normalize: bool = False,
+    seed: int = 0,
+    kmeans_space: str = "teacher",
+    pgm_opts: dict[str, Any] | None = None,
+    relation_names: Sequence[str] = RELATIONS,
+) -> RelationResult:
+    """:func:`relation_discrepancy` of every (level, class): ``feats_t[l]`` (N, Dt), ``feats_s[l]`` (N, Ds)
+    are the level-l features of N instances with classes ``labels`` (N,). Bases per (level, class) from
+    :func:`choose_bases` (seed ``seed + 1009 * level + class``, like the prototype bank); the instances that
+    are a ``prototypes`` or ``random`` basis are left out for all kinds. A (level, class) whose N leaves no
+    instance to measure (N <= K, or every instance a basis) is skipped."""
+    labels = labels.cpu()
+    values: dict[str, dict[str, list[Tensor]]] = {r: {kind: [] for kind in KINDS} for r in relation_names}
+    levels, classes, skipped = [], [], []
+    for lv, (ft_all, fs_all) in enumerate(zip(feats_t, feats_s)):
+        for c in sorted(int(x) for x in labels.unique().tolist()):
+            idx = torch.nonzero(labels == c).squeeze(1)
+            ft, fs = ft_all[idx].float(), fs_all[idx].float()
+            n = idx.numel()
+            if n <= k:
+                skipped.append((lv, c, n))
+                continue
+            bases = choose_bases(ft, fs, k, lam=lam, seed=seed + 1009 * lv + c, kmeans_space=kmeans_space,
+                                 pgm_opts=pgm_opts)
+            used = torch.cat([bases["prototypes"].instances, bases["random"].instances]).unique()
+            m = n - used.numel()
+            if m == 0:
+                skipped.append((lv, c, n))
+                continue
+            for r in relation_names:
+                d = relation_discrepancy(ft, fs, bases, r, lam=lam, normalize=normalize, exclude=used)
+                for kind in KINDS:
+                    values[r][kind].append(d[kind])
+            levels.append(torch.full((m,), lv, dtype=torch.int64))
+            classes.append(torch.full((m,), c, dtype=torch.int64))
+    empty = torch.zeros(0)
+    return RelationResult(
+        {r: {kind: torch.cat(v) if v else empty for kind, v in per.items()} for r, per in values.items()},
+        torch.cat(levels) if levels else empty.long(),
+        torch.cat(classes) if classes else empty.long(),
+        skipped,
+    )
+
+
+def describe(values: Tensor) -> dict[str, float | int | None]:
+    """count, mean, median, std and 90th percentile of a 1-D tensor (None when empty)."""
+    v = values.double()
+    if v.numel() == 0:
+        return {"count": 0, "mean": None, "median": None, "std": None, "p90": None}
+    return {"count": int(v.numel()), "mean": float(v.mean()), "median": float(v.median()),
+            "std": float(v.std()) if v.numel() > 1 else 0.0, "p90": float(torch.quantile(v, 0.9))}
+
+
+def summarize(result: RelationResult, level_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Statistics of :func:`describe` per relation and kind, over all levels and per level."""
+    overall = {r: {kind: describe(v) for kind, v in per.items()} for r, per in result.values.items()}
+    per_level: dict[str, Any] = {}
+    for lv in sorted(int(x) for x in result.levels.unique().tolist()):
+        name = level_names[lv] if level_names is not None else str(lv)
+        mask = result.levels == lv
+        per_level[name] = {r: {kind: describe(v[mask]) for kind, v in per.items()}
+                           for r, per in result.values.items()}
+    return {"overall": overall, "per_level": per_level}
+
+
+def plot_relation_histograms(result: RelationResult, path: str | Path, title: str = "", bins: int = 40) -> Path:
+    """PNG with one panel per relation: the discrepancy histograms of the three kinds overlaid (shared bins up
+    to the 99.5th percentile of all values; larger values go to the last bin), means in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rels = list(result.values)
+    fig, axes = plt.subplots(1, len(rels), figsize=(6.0 * len(rels), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], rels):
+        per = result.values[r]
+        every = torch.cat([v for v in per.values()]).double()
+        if every.numel() == 0:
+            ax.text(0.5, 0.5, "no instance to measure", ha="center", va="center", transform=ax.transAxes)
+        else:
+            top = float(torch.quantile(every, 0.995)) if every.numel() > 1 else float(every.max())
+            edges = np.linspace(0.0, max(top, 1e-6), bins + 1)
+            for kind, v in per.items():
+                x = np.clip(v.double().numpy(), 0.0, edges[-1])
+                label = f"{kind} (mean {float(v.double().mean()):.3g}, median {float(v.double().median()):.3g})"
+                color = KIND_COLORS.get(kind)
+                ax.hist(x, bins=edges, color=color, alpha=0.3, histtype="stepfilled")
+                ax.hist(x, bins=edges, color=color, histtype="step", linewidth=1.5, label=label)
+            ax.legend(fontsize=8)
+        ax.set_xlabel(DISTANCE_LABELS.get(r, r), fontsize=9)
+        ax.set_ylabel("instances")
+        ax.set_title(f"{r} relations: discrepancy between teacher and student space", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def analyze_relations(
+    cfg: Config,
+    checkpoint: str,
+    out: str | Path,
+    *,
+    k: int | None = None,
+    images: int | None = None,
+    seed: int = 0,
+    kmeans_space: str = "teacher",
+) -> dict[str, Any]:
+    """``detkd analyze relations``: Fig. 1 (right) for the teacher of ``cfg.distill`` and the student weights
+    in ``checkpoint``; writes ``relations.png``, ``relations.json`` and ``relations.pt`` to ``out`` and returns
+    the JSON summary. ``k`` (bases per class; default the run's prototype ``k``) and ``images`` (images per
+    class in the instance pool; default the run's ``max_images_per_class``) override the run's options; the
+    other options (``lam``, ``normalize``, PGM options, extraction, ``min_box``) are the run's prototype
+    method's (:func:`detkd.prototype_export.prototype_method`)."""
+    from detkd.config import to_dict
+    from detkd.distill import load_builtin
+    from detkd.distill.base import DistillContext, build_distiller
+    from detkd.engine.trainer import _feature_loader, resolve_device
+    from detkd.models import feature_channels, pyramid_levels
+    from detkd.prototype_export import load_student, load_teacher, prototype_method
+
+    t0 = time.perf_counter()
+    if cfg.distill is None:
+        raise ConfigError("the config has no distill section: `detkd analyze relations` needs a distillation "
+                          "config naming the teacher (distill.teacher / teacher_checkpoint)")
+    if k is not None and k < 1:
+        raise ConfigError(f"--k: must be >= 1, got {k}")
+    if images is not None and images < 0:
+        raise ConfigError(f"--images: must be >= 0 (0 = every image), got {images}")
+    if kmeans_space not in ("teacher", "student"):
+        raise ConfigError(f"--kmeans-space: {kmeans_space!r} is not 'teacher' or 'student'")
+    load_builtin()
+    name, options = prototype_method(cfg)
+    options = {**options, "generator": "pgm"}  # the bank's PGM options (gen_opts) are the prototypes kind's
+    if k is not None:
+        options["k"] = k
+    if images is not None:
+        options["max_images_per_class"] = images
+    info(f"relations: method {name!r} options {options}; loading teacher and student")
+    teacher = load_teacher(cfg)
+    student = load_student(cfg, checkpoint)
+    device = resolve_device(cfg.train.device)
+    distiller = build_distiller(name, options, feature_channels(teacher), feature_channels(student),
+                                cfg.model.arch, where="distill.methods (prototype method)")
+    opts, bank = distiller.opts, distiller.bank
+    teacher.to(device)
+    student.to(device)
+    ctx = DistillContext(teacher=teacher, student=student, loader=_feature_loader(cfg), device=device, epoch=0,
+                         epochs=cfg.train.epochs)
+    pool = bank.extract_pool(ctx)
+    t_extract = time.perf_counter() - t0
+    info(f"relations: {pool.keys.shape[0]} instances, {pool.labels.unique().numel()} classes; measuring")
+    result = pool_discrepancies(pool.ft, pool.fs, pool.labels, bank.k, lam=bank.lam, normalize=opts.normalize,
+                                seed=opts.seed, kmeans_space=kmeans_space, pgm_opts=bank.gen_opts)
+    level_names = pyramid_levels(student)
+    out = Path(out)
+    title = (f"{cfg.model.arch}: teacher {Path(cfg.distill.teacher_checkpoint).name}, student "
+             f"{Path(checkpoint).name}; K={bank.k}, lambda={bank.lam:g}, all levels")
+    plot_relation_histograms(result, out / "relations.png", title)
+    torch.save({"values": result.values, "levels": result.levels, "classes": result.classes,
+                "level_names": list(level_names), "k": bank.k}, out / "relations.pt")
+    summary = {
+        "version": 1,
+        "definition": {
+            "bases": "per (level, class): prototypes = PGM picks (Alg. 1, Eq. 2-5); random = K random instances; "
+                     f"kmeans = K-means in the {kmeans_space} space, centre pair = mean of the same members in "
+                     "each space. Instances used as prototypes or random bases are not measured.",
+            "cosine": "d_i = sum_k |cos(f_i^s, g_k^s) - cos(f_i^t, g_k^t)| (Fig. 1: cosine relations, l1 distance)",
+            "projection": "d_i = ||Lambda_i^s - Lambda_i^t||_2 with Lambda the Eq. 5 projections (Eq. 6, 8)",
+        },
+        "method": name, "options": options, "k": bank.k, "lam": bank.lam, "normalize": bool(opts.normalize),
+        "pgm_options": bank.gen_opts, "kmeans_space": kmeans_space, "seed": opts.seed,
+        "images_per_class": bank.max_images_per_class, "checkpoint": str(checkpoint),
+        "teacher_checkpoint": cfg.distill.teacher_checkpoint, "num_instances": int(pool.keys.shape[0]),
+        "levels": list(level_names),
+        **summarize(result, level_names),
+        "skipped": [{"level": level_names[lv], "class": c, "instances": n} for lv, c, n in result.skipped],
+        "time": {"extract_s": round(t_extract, 3), "total_s": round(time.perf_counter() - t0, 3)},
+        "config": to_dict(cfg),
+    }
+    atomic_write_text(out / "relations.json", json.dumps(summary, indent=2))
+    for r, per in summary["overall"].items():
+        stats = ", ".join(f"{kind} {s['mean']:.4g}" if s["mean"] is not None else f"{kind} -"
+                          for kind, s in per.items())
+        info(f"relations: {r}: mean discrepancy {stats}")
+    info(f"relations: done in {summary['time']['total_s']:.1f} s -> {out}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fig. 3: detections side by side
+
+CELL = 256  # px of a grid cell (the image's longer side is scaled to it)
+GAP = 6  # px between cells
+HEADER_H = 24  # px of the column-label band
+GRID_BACKGROUND = (255, 255, 255)
+CELL_BACKGROUND = (235, 235, 235)
+TP_COLOR = (0, 170, 0)
+FP_COLOR = (230, 0, 0)
+GT_COLOR = (0, 90, 255)
+IOU_MATCH = 0.5
+
+
+def grid_size(rows: int, cols: int, cell: int = CELL) -> tuple[int, int]:
+    """(width, height) in pixels of a detections grid of ``rows`` images and ``cols`` columns."""
+    return GAP + cols * (cell + GAP), HEADER_H + rows * (cell + GAP) + GAP
+
+
+def parse_model_specs(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``["LABEL=CHECKPOINT", ...]`` -> [(label, path), ...]; a clear ConfigError for a malformed item or a
+    repeated label (the path is split at the first ``=``), a CheckpointError for a missing file."""
+    from detkd.engine.checkpoint import CheckpointError
+
+    out: list[tuple[str, str]] = []
+    for item in items:
+        label, sep, path = item.partition("=")
+        label, path = label.strip(), path.strip()
+        if not sep or not label or not path:
+            raise ConfigError(f"--model {item!r}: expected LABEL=CHECKPOINT, e.g. --model global=runs/x/best.pt")
+        if label in {lab for lab, _ in out}:
+            raise ConfigError(f"--model {item!r}: the label {label!r} is used twice")
+        if not Path(path).is_file():
+            raise CheckpointError(f"--model {label}: checkpoint not found: {path}")
+        out.append((label, path))
+    return out
+
+
+def load_model(cfg: Config, checkpoint: str, label: str) -> nn.Module:
+    """The detector of ``checkpoint`` in eval mode: the student model of ``cfg`` (``model``), or, when the
+    weights do not fit it, the teacher model (``distill.teacher``)."""
+    from detkd.engine.checkpoint import CheckpointError
+    from detkd.prototype_export import load_student
+
+    try:
+        return load_student(cfg, checkpoint).eval()
+    except CheckpointError as student_error:
+        if cfg.distill is None:
+            raise CheckpointError(f"--model {label}: {student_error}") from None
+        as_teacher = copy.copy(cfg)
+        as_teacher.model = cfg.distill.teacher
+        try:
+            return load_student(as_teacher, checkpoint).eval()
+        except CheckpointError:
+            raise CheckpointError(f"--model {label}: fits neither the student model nor the teacher model of "
+                                  f"the config; as the student: {student_error}") from None
+
+
+def match_detections(boxes: Tensor, labels: Tensor, scores: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+                     iou: float = IOU_MATCH) -> Tensor:
+    """(M,) bool: detection j matches a ground-truth box of its class with IoU >= ``iou`` not matched by a
+    higher-scoring detection (greedy, highest score first, as in COCO / VOC evaluation)."""
+    from torchvision.ops import box_iou
+
+    hit = torch.zeros(boxes.shape[0], dtype=torch.bool)
+    if boxes.shape[0] == 0 or gt_boxes.shape[0] == 0:
+        return hit
+    ious = box_iou(boxes.float(), gt_boxes.float())
+    ious[labels[:, None] != gt_labels[None, :]] = -1.0
+    taken = torch.zeros(gt_boxes.shape[0], dtype=torch.bool)
+    for j in torch.argsort(scores, descending=True, stable=True).tolist():
+        row = ious[j].masked_fill(taken, -1.0)
+        best = int(row.argmax())
+        if float(row[best]) >= iou:
+            taken[best] = True
+            hit[j] = True
+    return hit
+
+
+def draw_detections(
+    image: Image.Image,
+    boxes: Tensor,
+    labels: Tensor,
+    scores: Tensor | None = None,
+    *,
+    class_names: dict[int, str] | None = None,
+    colors: Sequence[tuple[int, int, int]] | None = None,
+    scale: float = 1.0,
+    width: int = 2,
+) -> Image.Image:
+    """A copy of ``image`` with ``boxes`` (M, 4) xyxy (times ``scale``) outlined, each labelled with its class
+    name (``class_names`` id -> name, else the id) and, when given, score. ``colors``: one RGB per box
+    (default red)."""
+    from detkd.prototype_export import label_font
+
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    font = label_font(11)
+    names = class_names or {}
+    for j, (box, lab) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        color = tuple(colors[j]) if colors is not None else FP_COLOR
+        x0, y0, x1, y1 = (v * scale for v in box)
+        draw.rectangle((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)), outline=color, width=width)
+        text = names.get(int(lab), str(int(lab)))
+        if scores is not None:
+            text = f"{text} {float(scores[j]):.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top
+        ty = y0 - th - 3 if y0 - th - 3 >= 0 else y0 + 1
+        draw.rectangle((x0, ty, x0 + tw + 4, ty + th + 3), fill=color)
+        draw.text((x0 + 2 - left, ty + 1 - top), text, fill=(255, 255, 255), font=font)
+    return out
+
+
+def fit_to_cell(image: Image.Image, cell: int = CELL) -> tuple[Image.Image, float]:
+    """``image`` scaled so that its longer side is ``cell`` px (nearest neighbour when enlarging: the
+    pixels of small images stay visible), and the scale factor."""
+    scale = cell / max(image.width, image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR), scale
+
+
+def detections_grid(
+    cells: Sequence[Sequence[Image.Image]], column_labels: Sequence[str], cell: int = CELL,
+    row_labels: Sequence[str] | None = None,
+) -> Image.Image:
+    """Paste ``cells[row][col]`` (each at most ``cell`` px on a side, centred) under a band of column labels;
+    size :func:`grid_size`."""
+    from detkd.prototype_export import label_font
+
+    rows, cols = len(cells), len(column_labels)
+    canvas = Image.new("RGB", grid_size(rows, cols, cell), GRID_BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = label_font(13)
+    for c, name in enumerate(column_labels):
+        draw.text((GAP + c * (cell + GAP) + 2, 5), _fit_text(draw, name, font, cell - 4), fill=(0, 0, 0), font=font)
+    for r, row in enumerate(cells):
+        if len(row) != cols:
+            raise ValueError(f"detections_grid: row {r} has {len(row)} cells for {cols} columns")
+        top = HEADER_H + r * (cell + GAP)
+        for c, im in enumerate(row):
+            left = GAP + c * (cell + GAP)
+            draw.rectangle((left, top, left + cell - 1, top + cell - 1), fill=CELL_BACKGROUND)
+            canvas.paste(im, (left + (cell - im.width) // 2, top + (cell - im.height) // 2))
+        if row_labels is not None:
+            small = label_font(10)
+            text = _fit_text(draw, row_labels[r], small, cell - 4)
+            left, t, right, bottom = draw.textbbox((0, 0), text, font=small)
+            x, y = GAP + 1, top + cell - (bottom - t) - 4
+            draw.rectangle((x, y, x + right - left + 3, top + cell - 1), fill=GRID_BACKGROUND)
+            draw.text((x + 2 - left, y + 2 - t), text, fill=(0, 0, 0), font=small)
+    return canvas
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    """``text``, cut and ended with ".." when wider than ``width`` px."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "..", font=font) > width:
+        text = text[:-1]
+    return text + ".."
+
+
+def _ground_truth(coco_gt: dict[str, Any]) -> dict[int, tuple[Tensor, Tensor]]:
+    """image id -> (xyxy boxes, labels) of the non-ignore ground truth, original image coordinates."""
+    boxes: dict[int, list[list[float]]] = {}
+    labels: dict[int, list[int]] = {}
+    for a in coco_gt["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        x, y, w, h = (float(v) for v in a["bbox"])
+        boxes.setdefault(int(a["image_id"]), []).append([x, y, x + w, y + h])
+        labels.setdefault(int(a["image_id"]), []).append(int(a["category_id"]))
+    return {img: (torch.tensor(b).reshape(-1, 4), torch.tensor(labels[img], dtype=torch.int64))
+            for img, b in boxes.items()}
+
+
+def compare_detections(
+    cfg: Config,
+    models: Sequence[tuple[str, str]],
+    out: str | Path,
+    *,
+    images: int = 4,
+    score: float = 0.3,
+    ground_truth: bool = False,
+    teacher: bool = True,
+    cell: int = CELL,
+) -> Path:
+    """``detkd analyze detections``: Fig. 3. The first ``images`` validation images of ``cfg``'s data, one row
+    each; columns: ground truth (when ``ground_truth``), the teacher of ``cfg.distill`` (when ``teacher`` and
+    the config has a distill section), then ``models`` [(label, checkpoint), ...] in order (each loaded as
+    the student model, or as the teacher model when it does not fit: :func:`load_model`). Writes the PNG
+    ``out`` and ``out`` with suffix ``.json`` (the drawn detections, xyxy in original image coordinates).
+    Returns ``out``."""
+    from detkd.data import build_dataset, build_loader
+    from detkd.engine.evaluate import predict
+    from detkd.engine.trainer import resolve_device
+    from detkd.prototype_export import load_teacher
+
+    if images < 1:
+        raise ConfigError(f"--images: must be >= 1, got {images}")
+    if not 0.0 <= score <= 1.0:
+        raise ConfigError(f"--score: must be in [0, 1], got {score}")
+    if cell < 32:
+        raise ConfigError(f"--cell: must be >= 32 px, got {cell}")
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: expected a .png file name")
+    columns: list[tuple[str, nn.Module | None]] = []
+    if ground_truth:
+        columns.append(("ground truth", None))
+    if teacher and cfg.distill is not None:
+        columns.append(("teacher", load_teacher(cfg)))
+    for label, path in models:
+        columns.append((label, load_model(cfg, path, label)))
+    if not any(m is not None for _, m in columns):
+        raise ConfigError("analyze detections: no model to show (give --model LABEL=CHECKPOINT, or a distill "
+                          "config without --no-teacher)")
+
+    device = resolve_device(cfg.train.device)
+    val = build_dataset(cfg.data, "val", cfg.model)
+    if len(val) == 0:
+        raise ConfigError(f"data: the validation split under {cfg.data.root} has no images")
+    chosen = list(range(min(images, len(val))))
+    gt = val.coco_gt()
+    files = {int(im["id"]): str(im["file_name"]) for im in gt["images"]}
+    image_ids = [int(gt["images"][i]["id"]) for i in chosen]
+    truth = _ground_truth(gt)
+    empty = (torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64))
+    class_names = {int(c["id"]): str(c["name"]) for c in val.categories}
+
+    per_column: list[dict[int, dict[str, Tensor]]] = []
+    for label, model in columns:
+        if model is None:
+            per_column.append({img: {"boxes": truth.get(img, empty)[0], "labels": truth.get(img, empty)[1]}
+                               for img in image_ids})
+            continue
+        info(f"detections: {label} on {len(chosen)} validation images")
+        loader = build_loader(val, cfg.data.batch_size, 0, shuffle=False, sampler=chosen)
+        dets = predict(model.to(device), loader, device, progress=False)
+        model.cpu()
+        found: dict[int, dict[str, Tensor]] = {}
+        for img in image_ids:
+            mine = sorted((d for d in dets if int(d["image_id"]) == img and d["score"] >= score),
+                          key=lambda d: -d["score"])
+            boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]).reshape(-1, 4)
+            labels = torch.tensor([int(d["category_id"]) for d in mine], dtype=torch.int64)
+            scores = torch.tensor([float(d["score"]) for d in mine])
+            g_boxes, g_labels = truth.get(img, empty)
+            found[img] = {"boxes": boxes, "labels": labels, "scores": scores,
+                          "correct": match_detections(boxes, labels, scores, g_boxes, g_labels)}
+        per_column.append(found)
+
+    cells: list[list[Image.Image]] = []
+    for img in image_ids:
+        with Image.open(files[img]) as im:
+            base, scale = fit_to_cell(im.convert("RGB"), cell)
+        row = []
+        for dets_of in per_column:
+            d = dets_of[img]
+            if "scores" not in d:  # ground truth
+                colors = [GT_COLOR] * d["boxes"].shape[0]
+                row.append(draw_detections(base, d["boxes"], d["labels"], None, class_names=class_names,
+                                           colors=colors, scale=scale))
+            else:
+                colors = [TP_COLOR if ok else FP_COLOR for ok in d["correct"].tolist()]
+                row.append(draw_detections(base, d["boxes"], d["labels"], d["scores"], class_names=class_names,
+                                           colors=colors, scale=scale))
+        cells.append(row)
+    grid = detections_grid(cells, [label for label, _ in columns], cell, [f"image {img}" for img in image_ids])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+
+    listing = {
+        "score_threshold": score, "iou_match": IOU_MATCH, "columns": [label for label, _ in columns],
+        "checkpoints": {"teacher": cfg.distill.teacher_checkpoint} if teacher and cfg.distill is not None else {},
+        "images": [{"image_id": img, "file": files[img]} for img in image_ids],
+        "detections": {},
+    }
+    listing["checkpoints"].update(dict(models))
+    for (label, _), dets_of in zip(columns, per_column):
+        listing["detections"][label] = {
+            str(img): [
+                {"box_xyxy": [round(v, 2) for v in b], "label": int(lab), "name": class_names.get(int(lab), ""),
+                 **({"score": round(float(d["scores"][j]), 4), "correct": bool(d["correct"][j])}
+                    if "scores" in d else {})}
+                for j, (b, lab) in enumerate(zip(d["boxes"].tolist(), d["labels"].tolist()))
+            ]
+            for img, d in dets_of.items()
+        }
+    atomic_write_text(out.with_suffix(".json"), json.dumps(listing, indent=2))
+    info(f"detections: {len(image_ids)} images x {len(columns)} columns -> {out}")
+    return out
