@@ -132,6 +132,15 @@ def _add_analyze(sub) -> None:
     d.set_defaults(func=cmd_analyze)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from detkd.bench import run_bench
+
+    only = [m for m in args.methods.split(",") if m] if args.methods else None
+    seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
+    run_bench(args.config, args.overrides, only=only, seeds=seeds, dry_run=args.dry_run, quiet=not args.progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="detkd", description="Knowledge distillation for torchvision detectors")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -142,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue the run in output_dir from last.pt")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="compare distillation methods on one teacher/student pair: table and plots")
+    p.add_argument("config", help="bench file (e.g. configs/bench/digits_retinanet.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the bench file (e.g. epochs=2)")
+    p.add_argument("--methods", help="comma-separated rows to run (default: all of the bench file)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the bench file's)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished, run nothing")
+    p.add_argument("--progress", action="store_true", help="progress bars of every run in its log")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (training or exported) on the val split")
     _add_config(p)
@@ -206,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detkd: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        from detkd.bench import BenchError
         from detkd.engine.trainer import NonFiniteLossError
 
-        if not isinstance(e, NonFiniteLossError):
+        if not isinstance(e, (NonFiniteLossError, BenchError)):
             raise
         print(f"detkd: error: {e}", file=sys.stderr)
         return 1

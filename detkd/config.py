@@ -84,6 +84,7 @@ class ModelConfig:
     trainable_layers: int = 5  # backbone stages that train (0-5); the rest are frozen
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"  # bn when training from scratch
     anchor_sizes: list[int] = field(default_factory=list)  # one per level; empty = torchvision default
+    head_norm: Literal["none", "gn"] = "none"  # retinanet: GroupNorm in the head (torchvision's v2 head)
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # anchor height / width
     rpn_batch_size_per_image: int = 256  # anchors sampled for the RPN loss
     rpn_pre_nms_top_n_train: int = 2000  # RPN proposals per level before NMS (training)

@@ -21,6 +21,7 @@ the same levels:
 from __future__ import annotations
 
 import json
+import math
 import types
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -157,10 +159,18 @@ def build(cfg, load_trunk=None) -> nn.Module:
         )
     elif cfg.arch == "retinanet":
         anchors = AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * len(sizes))
+        head = None
+        if getattr(cfg, "head_norm", "none") == "gn":
+            # GroupNorm in the head (torchvision's retinanet v2 head) is what lets RetinaNet train from
+            # scratch at a pace close to FCOS; the group count must divide the FPN width
+            groups = math.gcd(32, cfg.fpn_channels)
+            head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_outputs,
+                                 norm_layer=partial(nn.GroupNorm, groups))
         model = RetinaNet(
             backbone,
             num_classes=num_outputs,
             anchor_generator=anchors,
+            head=head,
             score_thresh=cfg.score_thresh,
             detections_per_img=cfg.detections_per_img,
             **common,

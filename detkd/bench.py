@@ -1,0 +1,524 @@
+"""``detkd bench``: every method on the same teacher / student pair, same data, same budget, one table.
+
+A bench file names a student config, a teacher config and the methods to compare. The bench trains the
+teacher once (or evaluates a given checkpoint), then for every seed:
+
+1. ``pretrain`` (when ``pretrain_epochs > 0``): the student alone for ``pretrain_epochs``. Every run of
+   the seed starts from this checkpoint, as the papers start distillation from a trained student
+   (an ImageNet-pretrained one in their case);
+2. ``baseline``: the student alone for ``epochs`` more, from that start;
+3. one run per method, distilled for ``epochs`` from the same start, same data order;
+4. ``fair_budget`` (when ``pretrain_epochs > 0``): the student alone for ``pretrain_epochs + epochs`` in
+   one schedule from scratch, as many student epochs as pre-training plus distillation.
+
+Each run is a ``detkd train`` / ``detkd distill`` subprocess (its peak memory is its own, a crash stays
+in its log) with its config written to ``RUN/run.yaml``. A finished run writes ``RUN/result.json``
+atomically; running the bench again skips finished runs and resumes an interrupted one from its
+``last.pt``. After every run the bench rewrites ``table.md``, ``table.csv``, ``results.json``,
+``map.png`` (mAP per method, error bars over seeds) and ``curves.png`` (loss and mAP of every run).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from detkd.config import (
+    ConfigError,
+    MethodConfig,
+    _normalise_methods,
+    apply_overrides,
+    config_from_dict,
+    from_dict,
+    load_raw,
+    load_yaml,
+)
+from detkd.utils import atomic_write_text, info
+
+METRICS = ["mAP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+@dataclass
+class BenchMethod:
+    """One row of the table: the distillers of the run and config overrides for that run only."""
+
+    methods: list[MethodConfig] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # e.g. train.clip_grad=35 (as the FGD authors)
+
+
+@dataclass
+class BenchConfig:
+    student_config: str = ""  # config of the student (data, model, train); relative to the bench file
+    teacher_config: str = ""  # config of the teacher (its model and train sections); same
+    teacher_checkpoint: str = ""  # trained teacher; empty = train it with teacher_config in OUT/teacher
+    methods: dict[str, Any] = field(default_factory=dict)  # label -> [methods] or {methods, overrides}
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run of every row per seed
+    pretrain_epochs: int = 0  # student epochs before distillation (0 = distil from scratch)
+    epochs: int = 0  # distillation (and baseline) epochs; 0 = the student config's train.epochs
+    fair_budget: bool = True  # add the baseline trained pretrain_epochs + epochs in one schedule
+    overrides: list[str] = field(default_factory=list)  # key=value for every run (teacher included)
+    teacher_overrides: list[str] = field(default_factory=list)  # key=value for the teacher run only
+    output_dir: str = "runs/bench"  # runs, table, plots
+
+
+class BenchError(RuntimeError):
+    """A run of the bench failed; its log names the cause."""
+
+
+@dataclass
+class Run:
+    name: str  # folder under the bench output, e.g. seed0/fgd
+    row: str  # table row label
+    seed: int
+    command: str  # train | distill | eval
+    raw: dict[str, Any]  # full config mapping written to run.yaml
+    checkpoint: str = ""  # eval runs: the checkpoint evaluated
+
+    def folder(self, out: Path) -> Path:
+        return out / self.name
+
+
+def load_bench(path: str | Path, overrides: list[str] | None = None) -> tuple[BenchConfig, dict[str, BenchMethod]]:
+    """Read a bench file; config paths inside it are relative to the file. Errors name the file and key."""
+    path = Path(path)
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        cfg = from_dict(BenchConfig, raw)
+        methods = _parse_methods(cfg.methods)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for key in ("student_config", "teacher_config"):
+        value = getattr(cfg, key)
+        if not value:
+            raise ConfigError(f"{path}: {key} is required")
+        resolved = (path.parent / value).resolve()
+        if not resolved.is_file():
+            raise ConfigError(f"{path}: {key}: file not found: {resolved}")
+        setattr(cfg, key, str(resolved))
+    if cfg.teacher_checkpoint and not Path(cfg.teacher_checkpoint).is_file():
+        raise ConfigError(f"{path}: teacher_checkpoint: file not found: {cfg.teacher_checkpoint}")
+    if not cfg.seeds:
+        raise ConfigError(f"{path}: seeds: give at least one seed")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"{path}: seeds: {cfg.seeds} repeats a seed")
+    if cfg.pretrain_epochs < 0 or cfg.epochs < 0:
+        raise ConfigError(f"{path}: pretrain_epochs and epochs must be >= 0")
+    return cfg, methods
+
+
+def _parse_methods(raw: dict[str, Any]) -> dict[str, BenchMethod]:
+    out = {}
+    reserved = {"teacher", "pretrain", "baseline", "fair_budget"}
+    for label, value in raw.items():
+        where = f"methods.{label}"
+        if label in reserved or "/" in label or not label:
+            raise ConfigError(f"{where}: {label!r} is not a usable row label (reserved or contains '/')")
+        if not isinstance(value, dict):
+            value = {"methods": value}
+        value = _normalise_methods(dict(value))
+        out[label] = from_dict(BenchMethod, value, where)
+        if not out[label].methods:
+            raise ConfigError(f"{where}: name at least one method")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning
+
+
+def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str] | None = None) -> list[Run]:
+    """Every run of the bench in execution order (seed by seed, so a partial bench has whole seeds).
+
+    Each run's config is validated here, so a bad method option fails before anything trains.
+    """
+    if only:
+        unknown = [m for m in only if m not in methods]
+        if unknown:
+            raise ConfigError(f"--methods: unknown row {unknown[0]!r} (rows of this bench: {', '.join(methods)})")
+        methods = {k: v for k, v in methods.items() if k in only}
+    out = Path(cfg.output_dir)
+    student = apply_overrides(load_raw(cfg.student_config), list(cfg.overrides))
+    teacher = apply_overrides(load_raw(cfg.teacher_config), [*cfg.overrides, *cfg.teacher_overrides])
+    student.pop("distill", None)
+    teacher.pop("distill", None)
+    epochs = cfg.epochs or config_from_dict(copy.deepcopy(student)).train.epochs
+    pre = cfg.pretrain_epochs
+
+    runs: list[Run] = []
+    if cfg.teacher_checkpoint:
+        t_run = Run("teacher", "teacher", -1, "eval", _with(teacher, out / "teacher"), cfg.teacher_checkpoint)
+        teacher_ckpt = cfg.teacher_checkpoint
+    else:
+        t_run = Run("teacher", "teacher", -1, "train", _with(teacher, out / "teacher"))
+        teacher_ckpt = str(out / "teacher" / "last.pt")
+    runs.append(t_run)
+
+    for seed in cfg.seeds:
+        init = ""
+        if pre > 0:
+            runs.append(Run(f"seed{seed}/pretrain", "pretrain", seed, "train",
+                            _with(student, out / f"seed{seed}/pretrain", seed=seed, epochs=pre)))
+            init = str(out / f"seed{seed}/pretrain" / "last.pt")
+        base = _with(student, out / f"seed{seed}/baseline", seed=seed, epochs=epochs)
+        if init:
+            base["model"]["weights"] = init
+            base["model"]["backbone_weights"] = "none"
+        runs.append(Run(f"seed{seed}/baseline", "baseline", seed, "train", base))
+        for label, m in methods.items():
+            raw = _with(student, out / f"seed{seed}/{label}", seed=seed, epochs=epochs)
+            raw["distill"] = {
+                "teacher": copy.deepcopy(teacher["model"]),
+                "teacher_checkpoint": teacher_ckpt,
+                "methods": [{"name": x.name, "weight": x.weight, "options": dict(x.options)} for x in m.methods],
+                "student_init": "checkpoint" if init else "none",
+                "student_checkpoint": init,
+            }
+            runs.append(Run(f"seed{seed}/{label}", label, seed, "distill", apply_overrides(raw, list(m.overrides))))
+        if pre > 0 and cfg.fair_budget:
+            runs.append(Run(f"seed{seed}/fair_budget", "fair_budget", seed, "train",
+                            _with(student, out / f"seed{seed}/fair_budget", seed=seed, epochs=pre + epochs)))
+
+    for r in runs:
+        try:
+            config_from_dict(copy.deepcopy(r.raw))
+        except ConfigError as e:
+            raise ConfigError(f"bench run {r.name}: {e}") from None
+    return runs
+
+
+def _with(raw: dict[str, Any], out: Path, seed: int | None = None, epochs: int | None = None) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    raw["output_dir"] = str(out)
+    train = raw.setdefault("train", {})
+    if seed is not None:
+        train["seed"] = seed
+    if epochs is not None:
+        train["epochs"] = epochs
+        train.pop("preset", None)  # a preset would overwrite the epochs
+        if train.get("schedule", "multistep") == "multistep":
+            # the student file's milestones belong to its own length: scale them to this one
+            train["milestones"] = _scaled_milestones(raw, epochs)
+    return raw
+
+
+def _scaled_milestones(raw: dict[str, Any], epochs: int) -> list[int]:
+    cfg = config_from_dict(copy.deepcopy({k: v for k, v in raw.items() if k != "distill"}))
+    base_epochs = {"1x": 12, "2x": 24}.get(cfg.train.preset, cfg.train.epochs)
+    return sorted({max(1, round(m * epochs / base_epochs)) for m in cfg.train.milestones if m < base_epochs})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running
+
+
+def result_path(run: Run, out: Path) -> Path:
+    return run.folder(out) / "result.json"
+
+
+def execute(run: Run, out: Path, quiet: bool = True) -> dict[str, Any]:
+    """Run one bench run in a subprocess (resuming it if interrupted); write and return its result."""
+    folder = run.folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / "run.yaml"
+    atomic_write_text(cfg_path, yaml.safe_dump(run.raw, sort_keys=False))
+    cmd = [sys.executable, "-m", "detkd.cli", run.command, str(cfg_path)]
+    if run.command == "eval":
+        cmd += ["--checkpoint", run.checkpoint, "--json", str(folder / "eval.json")]
+    else:
+        cmd += ["--resume"]
+    if quiet:
+        cmd.append("--quiet")
+    log_path = folder / "log.txt"
+    resumed = (folder / "last.pt").is_file()
+    t0 = time.perf_counter()
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own resource usage (peak RSS of the run, not of the bench)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-8:])
+        raise BenchError(f"run {run.name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    metrics = _final_metrics(run, folder, log_path)
+    result = {
+        "name": run.name, "row": run.row, "seed": run.seed, "command": run.command,
+        "epochs": run.raw.get("train", {}).get("epochs"), "metrics": metrics,
+        "wall_s": wall, "resumed": resumed,  # a resumed run's wall time is that of its last attempt only
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,  # kilobytes on Linux
+        "gpu_peak_mb": metrics.pop("gpu_peak_mb", None),
+    }
+    atomic_write_text(result_path(run, out), json.dumps(result, indent=2))
+    return result
+
+
+def _final_metrics(run: Run, folder: Path, log_path: Path) -> dict[str, Any]:
+    if run.command == "eval":
+        return json.loads((folder / "eval.json").read_text())
+    for line in reversed(log_path.read_text().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise BenchError(f"run {run.name}: no metrics line in {log_path}")
+
+
+def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
+              seeds: list[int] | None = None, dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
+    """Plan, run what is not finished, and write the table and plots. Returns the summary."""
+    cfg, methods = load_bench(path, overrides)
+    if seeds:
+        cfg.seeds = seeds
+    runs = plan_runs(cfg, methods, only)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in runs if not result_path(r, out).is_file()]
+    info(f"bench {path}: {len(runs)} runs ({len(runs) - len(todo)} finished earlier), output {out}")
+    if dry_run:
+        for r in runs:
+            state = "done" if r not in todo else "to run"
+            print(f"{r.name:<28} {r.command:<8} {state}")
+        return {}
+    failures = []
+    t_start = time.perf_counter()
+    for i, r in enumerate(todo):
+        blocked = _blocked_by(r, failures)
+        if blocked:
+            info(f"[{i + 1}/{len(todo)}] {r.name}: skipped, it needs {blocked} which failed")
+            failures.append(r.name)
+            continue
+        info(f"[{i + 1}/{len(todo)}] {r.name}: {r.command} ({_eta(t_start, i, len(todo))})")
+        try:
+            res = execute(r, out, quiet=quiet)
+        except BenchError as e:
+            info(str(e))
+            failures.append(r.name)
+            continue
+        info(f"[{i + 1}/{len(todo)}] {r.name}: mAP {res['metrics']['mAP']:.4f} in {res['wall_s'] / 60:.1f} min, "
+             f"peak {res['peak_rss_mb']:.0f} MB")
+        write_report(out, runs, cfg)
+    summary = write_report(out, runs, cfg)
+    print(summary["markdown"])
+    if failures:
+        raise BenchError(f"{len(failures)} run(s) failed: {', '.join(failures)} (logs under {out}); rerun the "
+                         "bench to retry them, finished runs are kept")
+    return summary
+
+
+def _blocked_by(run: Run, failures: list[str]) -> str:
+    """The failed run this one depends on (the teacher, or its seed's pre-training), if any."""
+    needs = []
+    if run.command == "distill":
+        needs.append("teacher")
+    if run.seed >= 0 and run.row not in ("pretrain", "fair_budget"):
+        needs.append(f"seed{run.seed}/pretrain")
+    return next((n for n in needs if n in failures), "")
+
+
+def _eta(t_start: float, done: int, total: int) -> str:
+    if done == 0:
+        return f"{total} to go"
+    per = (time.perf_counter() - t_start) / done
+    return f"{total - done} to go, about {per * (total - done) / 60:.0f} min left"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
+    results = []
+    for r in runs:
+        p = result_path(r, out)
+        if p.is_file():
+            results.append(json.loads(p.read_text()))
+    return results
+
+
+def _row_order(runs: list[Run]) -> list[str]:
+    order: list[str] = []
+    for r in runs:
+        if r.row not in order:
+            order.append(r.row)
+    # baselines first, methods after, in the bench file's order
+    fixed = [x for x in ("teacher", "pretrain", "baseline", "fair_budget") if x in order]
+    return fixed + [x for x in order if x not in fixed]
+
+
+def summarise(results: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any]]:
+    """Mean and spread (sample standard deviation over seeds) of every metric per row, and the mAP gain
+    over the baseline paired by seed."""
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for res in results:
+        by_row.setdefault(res["row"], []).append(res)
+    base = {res["seed"]: res["metrics"]["mAP"] for res in by_row.get("baseline", [])}
+    table = []
+    for row in rows:
+        rs = sorted(by_row.get(row, []), key=lambda x: x["seed"])
+        if not rs:
+            continue
+        entry: dict[str, Any] = {"row": row, "seeds": [x["seed"] for x in rs], "n": len(rs),
+                                 "epochs": rs[0]["epochs"]}
+        for m in METRICS:
+            vals = np.array([x["metrics"].get(m, -1.0) for x in rs], dtype=float)
+            if (vals < 0).any():  # COCO's -1: no ground truth of that size
+                entry[m], entry[m + "_std"] = None, None
+            else:
+                entry[m] = float(vals.mean())
+                entry[m + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        gains = [x["metrics"]["mAP"] - base[x["seed"]] for x in rs if x["seed"] in base and row != "teacher"]
+        entry["gain"] = float(np.mean(gains)) if gains and row != "baseline" else None
+        entry["gain_std"] = float(np.std(gains, ddof=1)) if len(gains) > 1 and row != "baseline" else None
+        entry["wall_min"] = float(np.mean([x["wall_s"] for x in rs])) / 60
+        entry["peak_rss_mb"] = float(max(x["peak_rss_mb"] for x in rs))
+        gpu = [x["gpu_peak_mb"] for x in rs if x.get("gpu_peak_mb")]
+        entry["gpu_peak_mb"] = float(max(gpu)) if gpu else None
+        table.append(entry)
+    return table
+
+
+def _label(row: str, entry: dict[str, Any], pre: int) -> str:
+    if row == "teacher":
+        return f"teacher ({entry['epochs']} ep)" if entry["epochs"] else "teacher"
+    if row == "pretrain":
+        return f"student, pre-trained ({entry['epochs']} ep)"
+    if row == "baseline":
+        return f"student baseline (+{entry['epochs']} ep)" if pre else f"student baseline ({entry['epochs']} ep)"
+    if row == "fair_budget":
+        return f"student, fair budget ({entry['epochs']} ep)"
+    return f"+ {row}" if pre else row
+
+
+def _pm(mean: float | None, std: float | None, signed: bool = False) -> str:
+    if mean is None:
+        return "–"
+    s = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return s if not std else f"{s} ± {std:.3f}"
+
+
+def format_markdown(table: list[dict[str, Any]], pre: int) -> str:
+    head = ["method", *METRICS, "ΔmAP", "min/run", "peak MB", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for e in table:
+        cells = [_label(e["row"], e, pre)] + [_pm(e[m], e[m + "_std"]) for m in METRICS]
+        cells += [_pm(e["gain"], e["gain_std"], signed=True), f"{e['wall_min']:.1f}",
+                  f"{e['peak_rss_mb']:.0f}" + (f" / GPU {e['gpu_peak_mb']:.0f}" if e["gpu_peak_mb"] else ""),
+                  str(e["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_csv(table: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    cols = ["row", "n", "epochs"] + [c for m in METRICS for c in (m, m + "_std")]
+    cols += ["gain", "gain_std", "wall_min", "peak_rss_mb", "gpu_peak_mb"]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for e in table:
+        w.writerow({k: ("" if e.get(k) is None else e.get(k)) for k in cols})
+    return buf.getvalue()
+
+
+def write_report(out: Path, runs: list[Run], cfg: BenchConfig) -> dict[str, Any]:
+    """Write table.md / table.csv / results.json / map.png / curves.png from the finished runs."""
+    results = collect(out, runs)
+    table = summarise(results, _row_order(runs))
+    md = format_markdown(table, cfg.pretrain_epochs)
+    note = (f"Every distilled row and the baseline start from the student pre-trained for {cfg.pretrain_epochs} "
+            "epochs (the papers start from ImageNet-pretrained students); the fair-budget row trains the "
+            "student alone for as many epochs as pre-training + distillation, in one schedule."
+            if cfg.pretrain_epochs else "Every row trains from the same random initialisation (same seed).")
+    md = f"{md}\n\nmean ± sample std over seeds; ΔmAP: gain over the baseline, paired by seed. {note}\n"
+    atomic_write_text(out / "table.md", md)
+    atomic_write_text(out / "table.csv", format_csv(table))
+    summary = {"table": table, "runs": results, "markdown": md}
+    atomic_write_text(out / "results.json", json.dumps({"table": table, "runs": results}, indent=2))
+    if table:
+        plot_bars(table, out / "map.png", cfg.pretrain_epochs)
+        plot_curves(out, runs, out / "curves.png")
+    return summary
+
+
+def plot_bars(table: list[dict[str, Any]], path: Path, pre: int = 0, title: str = "") -> None:
+    """mAP per row with error bars (sample std over seeds); the teacher as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [e for e in table if e["row"] != "teacher"]
+    teacher = next((e for e in table if e["row"] == "teacher"), None)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6), dpi=120)
+    colours = ["#888888" if e["row"] in ("pretrain", "baseline", "fair_budget") else "#3b75af" for e in rows]
+    ax.bar(range(len(rows)), [e["mAP"] for e in rows], yerr=[e["mAP_std"] or 0 for e in rows],
+           color=colours, capsize=3)
+    base = next((e for e in rows if e["row"] == "baseline"), None)
+    if base is not None:
+        ax.axhline(base["mAP"], color="#888888", lw=0.8, ls=":")
+    if teacher is not None:
+        ax.axhline(teacher["mAP"], color="#c0392b", lw=1.0, ls="--", label=f"teacher {teacher['mAP']:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(range(len(rows)), [_label(e["row"], e, pre).replace("student, ", "") for e in rows],
+                  rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("mAP (COCO 0.5:0.95)")
+    lo = min(e["mAP"] - (e["mAP_std"] or 0) for e in rows)
+    ax.set_ylim(max(0.0, lo - 0.05), None)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(out: Path, runs: list[Run], path: Path) -> None:
+    """Training loss (per logged window) and evaluated mAP of every run, one colour per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from detkd.engine.logger import read_jsonl
+
+    rows = _row_order(runs)
+    cmap = plt.get_cmap("tab20")
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    seen: set[str] = set()
+    for r in runs:
+        log = r.folder(out) / "metrics.jsonl"
+        if r.command == "eval" or not log.is_file():
+            continue
+        recs = read_jsonl(log)
+        colour = cmap(rows.index(r.row) % 20)
+        label = r.row if r.row not in seen else None
+        seen.add(r.row)
+        train = [x for x in recs if x.get("kind") == "train" and "loss" in x]
+        if train:
+            ax_loss.plot([x["iteration"] for x in train], [x["loss"] for x in train], color=colour, lw=0.8,
+                         alpha=0.8, label=label)
+        evals = [x for x in recs if x.get("kind") == "eval"]
+        if evals:
+            ax_map.plot([x["epoch"] for x in evals], [x["mAP"] for x in evals], "o-", color=colour, lw=0.8,
+                        ms=3, alpha=0.8)
+    ax_loss.set_xlabel("iteration (of each run)")
+    ax_loss.set_ylabel("total loss (detection + distillation)")
+    ax_loss.set_yscale("log")
+    ax_map.set_xlabel("epoch (of each run)")
+    ax_map.set_ylabel("val mAP")
+    ax_loss.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

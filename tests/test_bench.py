@@ -1,0 +1,129 @@
+"""`detkd bench`: a two-method, one-epoch bench on tiny digits runs end to end, writes its table and plots,
+and a rerun skips finished runs; the summary statistics are checked by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from detkd.bench import load_bench, plan_runs, summarise
+from detkd.cli import main
+from detkd.config import ConfigError, to_dict
+from tests.engine_helpers import tiny_config, tiny_model
+
+
+def _write_pair(tmp_path):
+    student = tiny_config(tmp_path / "data", tmp_path / "unused", train_images=8)
+    student.train.eval_every = 0
+    student_raw = to_dict(student)
+    student_raw.pop("distill")
+    teacher_raw = json.loads(json.dumps(student_raw))
+    teacher_raw["model"] = to_dict(tiny_model(fpn=48))
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(student_raw))
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher_raw))
+
+
+def _bench_file(tmp_path, **extra) -> str:
+    _write_pair(tmp_path)
+    bench = {"student_config": "student.yaml", "teacher_config": "teacher.yaml", "seeds": [0],
+             "pretrain_epochs": 1, "epochs": 1, "output_dir": str(tmp_path / "bench"),
+             "methods": {"fitnet": ["fitnet"], "kd": {"methods": [{"name": "kd", "weight": 0.5}],
+                                                      "overrides": ["train.clip_grad=10"]}}}
+    bench.update(extra)
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(bench))
+    return str(path)
+
+
+def test_plan_shares_one_start_and_validates_early(tmp_path):
+    path = _bench_file(tmp_path)
+    cfg, methods = load_bench(path)
+    runs = {r.name: r for r in plan_runs(cfg, methods)}
+    assert list(runs) == ["teacher", "seed0/pretrain", "seed0/baseline", "seed0/fitnet", "seed0/kd",
+                          "seed0/fair_budget"]
+    init = str(tmp_path / "bench" / "seed0" / "pretrain" / "last.pt")
+    assert runs["seed0/baseline"].raw["model"]["weights"] == init
+    for name in ("seed0/fitnet", "seed0/kd"):
+        d = runs[name].raw["distill"]
+        assert (d["student_init"], d["student_checkpoint"]) == ("checkpoint", init)
+        assert d["teacher_checkpoint"] == str(tmp_path / "bench" / "teacher" / "last.pt")
+        assert d["teacher"]["fpn_channels"] == 48
+    assert runs["seed0/kd"].raw["train"]["clip_grad"] == 10  # the row's own override
+    assert runs["seed0/fitnet"].raw["train"]["clip_grad"] == 0.0
+    assert runs["seed0/fair_budget"].raw["train"]["epochs"] == 2  # pre-training + distillation
+    assert "weights" not in runs["seed0/fair_budget"].raw["model"] or \
+        runs["seed0/fair_budget"].raw["model"]["weights"] == "none"
+
+    # a bad method option fails while planning, naming the run, before anything trains
+    bad = _bench_file(tmp_path, methods={"kd": [{"name": "kd", "weight": -1}]})
+    cfg, methods = load_bench(bad)
+    with pytest.raises(ConfigError, match=r"seed0/kd.*weight must be >= 0"):
+        plan_runs(cfg, methods)
+    with pytest.raises(ConfigError, match="unknown row 'fgd'"):
+        plan_runs(*load_bench(path), only=["fgd"])
+    with pytest.raises(ConfigError, match="student_config: file not found"):
+        load_bench(_bench_file(tmp_path, student_config="nope.yaml"))
+    with pytest.raises(ConfigError, match="reserved"):
+        load_bench(_bench_file(tmp_path, methods={"baseline": ["kd"]}))
+
+
+def test_summary_statistics_by_hand():
+    def res(row, seed, m):
+        return {"row": row, "seed": seed, "epochs": 1, "wall_s": 60.0 * (seed + 1), "peak_rss_mb": 100.0 + seed,
+                "metrics": {"mAP": m, "AP50": 2 * m, "AP75": m, "APs": m, "APm": m, "APl": -1.0}}
+
+    results = [res("baseline", 0, 0.30), res("baseline", 1, 0.34), res("kd", 0, 0.33), res("kd", 1, 0.39),
+               res("teacher", -1, 0.5)]
+    table = {e["row"]: e for e in summarise(results, ["teacher", "baseline", "kd"])}
+    kd = table["kd"]
+    assert kd["mAP"] == pytest.approx(0.36)
+    assert kd["mAP_std"] == pytest.approx(0.0424264, abs=1e-6)  # sample std of 0.33, 0.39
+    assert kd["gain"] == pytest.approx(0.04)  # mean of the paired gains 0.03 and 0.05
+    assert kd["gain_std"] == pytest.approx(0.0141421, abs=1e-6)
+    assert kd["APl"] is None  # -1: no large objects
+    assert kd["wall_min"] == pytest.approx(1.5) and kd["peak_rss_mb"] == 101.0
+    assert table["baseline"]["gain"] is None and table["teacher"]["gain"] is None
+    assert table["teacher"]["mAP_std"] == 0.0
+
+
+def test_bench_runs_writes_table_and_plots_and_resumes(tmp_path, capsys):
+    path = _bench_file(tmp_path)
+    out = tmp_path / "bench"
+    assert main(["bench", path]) == 0
+    printed = capsys.readouterr().out
+    for label in ("teacher", "pre-trained (1 ep)", "student baseline (+1 ep)", "fair budget (2 ep)",
+                  "+ fitnet", "+ kd"):
+        assert label in printed
+    for name in ("table.md", "table.csv", "results.json", "map.png", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert (out / "map.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["runs"]) == 6
+    assert {e["row"] for e in data["table"]} == {"teacher", "pretrain", "baseline", "fair_budget", "fitnet", "kd"}
+    for r in data["runs"]:
+        assert 0.0 <= r["metrics"]["mAP"] <= 1.0 and r["peak_rss_mb"] > 50 and r["wall_s"] > 0
+    csv_head = (out / "table.csv").read_text().splitlines()[0]
+    assert csv_head.startswith("row,n,epochs,mAP,mAP_std")
+
+    # rerun: finished runs are skipped; a run whose result is missing runs again (resuming its last.pt)
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("**/result.json") if "kd" not in str(p)}
+    (out / "seed0" / "kd" / "result.json").unlink()
+    assert main(["bench", path]) == 0
+    err = capsys.readouterr().err
+    assert "6 runs (5 finished earlier)" in err
+    assert "[1/1] seed0/kd" in err
+    assert (out / "seed0" / "kd" / "result.json").is_file()
+    assert json.loads((out / "seed0" / "kd" / "result.json").read_text())["resumed"] is True
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+def test_failed_run_is_reported_and_blocks_its_dependants(tmp_path, capsys):
+    path = _bench_file(tmp_path, teacher_overrides=["data.root=" + str(tmp_path / "no_such_data")],
+                       overrides=["data.format=coco"])
+    assert main(["bench", path, "--methods", "kd"]) == 1
+    err = capsys.readouterr().err
+    assert "run teacher failed" in err
+    assert "seed0/kd: skipped, it needs teacher" in err
+    assert "rerun the bench to retry them" in err
