@@ -70,6 +70,8 @@ class BenchConfig:
     fair_budget: bool = True  # add the baseline trained pretrain_epochs + epochs in one schedule
     overrides: list[str] = field(default_factory=list)  # key=value for every run (teacher included)
     teacher_overrides: list[str] = field(default_factory=list)  # key=value for the teacher run only
+    finetune_overrides: list[str] = field(default_factory=list)  # key=value for the runs that start from the
+    # pre-trained student (baseline and methods), e.g. a shorter warm-up for a short second phase
     output_dir: str = "runs/bench"  # runs, table, plots
 
 
@@ -171,13 +173,15 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
             runs.append(Run(f"seed{seed}/pretrain", "pretrain", seed, "train",
                             _with(student, out / f"seed{seed}/pretrain", seed=seed, epochs=pre)))
             init = str(out / f"seed{seed}/pretrain" / "last.pt")
-        base = _with(student, out / f"seed{seed}/baseline", seed=seed, epochs=epochs)
+        base = apply_overrides(_with(student, out / f"seed{seed}/baseline", seed=seed, epochs=epochs),
+                               list(cfg.finetune_overrides) if init else [])
         if init:
             base["model"]["weights"] = init
             base["model"]["backbone_weights"] = "none"
         runs.append(Run(f"seed{seed}/baseline", "baseline", seed, "train", base))
         for label, m in methods.items():
-            raw = _with(student, out / f"seed{seed}/{label}", seed=seed, epochs=epochs)
+            raw = apply_overrides(_with(student, out / f"seed{seed}/{label}", seed=seed, epochs=epochs),
+                                  list(cfg.finetune_overrides) if init else [])
             raw["distill"] = {
                 "teacher": copy.deepcopy(teacher["model"]),
                 "teacher_checkpoint": teacher_ckpt,
@@ -284,6 +288,7 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
     runs = plan_runs(cfg, methods, only)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out) if not dry_run else None  # held until this process exits
     todo = [r for r in runs if not result_path(r, out).is_file()]
     info(f"bench {path}: {len(runs)} runs ({len(runs) - len(todo)} finished earlier), output {out}")
     if dry_run:
@@ -291,7 +296,7 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
             state = "done" if r not in todo else "to run"
             print(f"{r.name:<28} {r.command:<8} {state}")
         return {}
-    failures = []
+    failures: list[str] = []
     t_start = time.perf_counter()
     for i, r in enumerate(todo):
         blocked = _blocked_by(r, failures)
@@ -311,10 +316,26 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
         write_report(out, runs, cfg)
     summary = write_report(out, runs, cfg)
     print(summary["markdown"])
+    if lock is not None:
+        lock.close()
     if failures:
         raise BenchError(f"{len(failures)} run(s) failed: {', '.join(failures)} (logs under {out}); rerun the "
                          "bench to retry them, finished runs are kept")
     return summary
+
+
+def _lock(out: Path):
+    """An exclusive lock on the bench folder: two benches writing the same runs would corrupt them."""
+    import fcntl
+
+    f = (out / ".lock").open("w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(f"another `detkd bench` is running in {out} (it holds {out / '.lock'}); wait for it "
+                          "or use another output_dir") from None
+    return f
 
 
 def _blocked_by(run: Run, failures: list[str]) -> str:

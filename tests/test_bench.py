@@ -127,3 +127,13 @@ def test_failed_run_is_reported_and_blocks_its_dependants(tmp_path, capsys):
     assert "run teacher failed" in err
     assert "seed0/kd: skipped, it needs teacher" in err
     assert "rerun the bench to retry them" in err
+
+
+def test_second_bench_on_the_same_folder_is_refused(tmp_path):
+    from detkd.bench import _lock
+
+    held = _lock(tmp_path)
+    with pytest.raises(ConfigError, match="another `detkd bench` is running"):
+        _lock(tmp_path)
+    held.close()
+    _lock(tmp_path).close()  # free again once the first one is gone
