@@ -54,8 +54,8 @@ METRICS = ["mAP", "AP50", "AP75", "APs", "APm", "APl"]
 class BenchMethod:
     """One row of the table: the distillers of the run and config overrides for that run only."""
 
-    methods: list[MethodConfig] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)  # e.g. train.clip_grad=35 (as the FGD authors)
+    methods: list[MethodConfig] = field(default_factory=list)  # as distill.methods of a run config
+    overrides: list[str] = field(default_factory=list)  # key=value for this row, e.g. train.clip_grad=35
 
 
 @dataclass
