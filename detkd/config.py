@@ -60,6 +60,7 @@ class DataConfig:
     class_names: list[str] = field(default_factory=list)  # voc / voc_folder; empty = the 20 VOC classes
     bad_boxes: Literal["repair", "drop", "error"] = "repair"  # degenerate / out-of-image boxes
     bad_images: Literal["error", "skip"] = "error"  # missing / unreadable images
+    bad_annotations: Literal["error", "skip"] = "error"  # broken entries of an annotation file (coco)
     hflip: float = 0.5  # probability of a horizontal flip in training
     photometric: bool = False  # random photometric distortion in training
     batch_size: int = 8  # images per step and per process
@@ -83,8 +84,8 @@ class ModelConfig:
     backbone_weights: str = "none"  # none | torchvision weights name | checkpoint path
     trainable_layers: int = 5  # backbone stages that train (0-5); the rest are frozen
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"  # bn when training from scratch
-    anchor_sizes: list[int] = field(default_factory=list)  # one per level; empty = torchvision default
     head_norm: Literal["none", "gn"] = "none"  # retinanet: GroupNorm in the head (torchvision's v2 head)
+    anchor_sizes: list[int] = field(default_factory=list)  # one per level; empty = torchvision default
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # anchor height / width
     rpn_batch_size_per_image: int = 256  # anchors sampled for the RPN loss
     rpn_pre_nms_top_n_train: int = 2000  # RPN proposals per level before NMS (training)
@@ -114,11 +115,13 @@ class TrainConfig:
     amp: bool = False  # mixed precision, GPU only
     eval_every: int = 1  # epochs; 0 = only at the end
     keep_last: int = 2  # epoch checkpoints kept besides last.pt and best.pt
+    checkpoint_every: int = 0  # iterations between mid-epoch saves of last.pt; 0 = only at epoch ends
     log_every: int = 20  # iterations
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 0  # seeds Python, NumPy, torch and the data order
     deterministic: bool = False  # torch deterministic algorithms (slower)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dist_timeout_s: int = 600  # DDP: a collective waiting longer for another rank fails the run
 
 
 @dataclass
@@ -305,6 +308,8 @@ def validate(cfg: Config) -> Config:
         (0.0 <= cfg.data.hflip <= 1.0, "data.hflip must be a probability in [0, 1]"),
         (cfg.train.keep_last >= 0, "train.keep_last must be >= 0"),
         (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+        (cfg.train.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {cfg.train.checkpoint_every}"),
+        (cfg.train.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1, got {cfg.train.dist_timeout_s}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -321,11 +326,29 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+# Config keys that hold file or folder paths. They are resolved against the current directory (like paths on
+# the command line), after ``~`` expansion; ``base`` and ``distill.teacher_config`` are relative to the file
+# that names them (see :func:`load_raw`).
+PATH_KEYS = ("data.root", "output_dir", "model.weights", "model.backbone_weights", "distill.teacher_checkpoint",
+             "distill.student_checkpoint", "distill.teacher.weights", "distill.teacher.backbone_weights")
+
+
+def _expand_home(cfg: Config) -> Config:
+    for key in PATH_KEYS:
+        *parents, name = key.split(".")
+        node: Any = cfg
+        for part in parents:
+            node = getattr(node, part, None)
+        if node is not None and isinstance(getattr(node, name), str) and getattr(node, name).startswith("~"):
+            setattr(node, name, str(Path(getattr(node, name)).expanduser()))
+    return cfg
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
     if isinstance(raw.get("distill"), dict):
         raw["distill"] = _normalise_methods(raw["distill"])
-    return validate(_apply_presets(from_dict(Config, raw)))
+    return validate(_expand_home(_apply_presets(from_dict(Config, raw))))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

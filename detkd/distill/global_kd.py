@@ -72,6 +72,7 @@ from detkd.distill.common import build_adapters, check_pyramids, check_temperatu
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
 from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features_levels
+from detkd.engine.faults import fault_point
 from detkd.taps import TapRequest, Taps, box_levels, pool_levels
 
 GeneratorName = Literal[
@@ -290,6 +291,7 @@ class PrototypeDistiller(Distiller):
         due = self.bank.is_empty() or context.epoch % self.opts.refresh_every == 0
         if due and self.refreshed_epoch != context.epoch:
             self.bank.refresh(context)
+            fault_point("prototype_refresh")
             self.refreshed_epoch = context.epoch
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -9,7 +9,20 @@ import torch
 from torch import nn
 
 from detkd.engine import dist
+from detkd.engine.faults import fault_point
 from detkd.engine.logger import Progress
+
+
+def shutdown_workers(batches: Any) -> None:
+    """Stop the worker processes of a DataLoader iterator now.
+
+    A loop that ends with an exception leaves its iterator in the traceback's frames, and with it the
+    workers, until that traceback is freed (never, for a caller that keeps it); this ends them at once.
+    ``_shutdown_workers`` is what the iterator's own ``__del__`` calls; calling it twice is harmless.
+    """
+    stop = getattr(batches, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
 
 
 @torch.no_grad()
@@ -21,8 +34,9 @@ def predict(model: nn.Module, loader: Any, device: torch.device, progress: bool 
     model.eval()
     detections: list[dict] = []
     bar = Progress(len(loader), "eval", enabled=progress)
+    batches = iter(loader)
     try:
-        for images, targets in loader:
+        for images, targets in batches:
             batch = [img.to(device, non_blocking=True).float() / 255.0 for img in images]
             outputs = model(batch)
             outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
@@ -33,8 +47,10 @@ def predict(model: nn.Module, loader: Any, device: torch.device, progress: bool 
                 scales.append((oh / img.shape[-2], ow / img.shape[-1]))
             detections.extend(outputs_to_detections(outputs, ids, scales))
             bar.update(len(images))
+            fault_point("eval_batch")
     finally:
         bar.close()
+        shutdown_workers(batches)
         model.train(was_training)
     return detections
 

@@ -7,8 +7,11 @@ are added to the detection loss; everything else is shared.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,23 +20,46 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler, RandomSampler, Sampler
 
 from detkd.config import Config, ConfigError, to_dict
 from detkd.engine import dist
 from detkd.engine.checkpoint import (
-    load_checkpoint,
+    first_non_finite,
+    latest_checkpoint,
+    remove_partial_checkpoints,
     rotate_epoch_checkpoints,
     save_checkpoint,
 )
-from detkd.engine.evaluate import evaluate_model
+from detkd.engine.evaluate import evaluate_model, shutdown_workers
+from detkd.engine.faults import fault_point
 from detkd.engine.logger import Progress, RunLogger
 from detkd.engine.schedule import build_optimizer, build_scheduler
 from detkd.utils import atomic_write_text, info, seed_everything
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps produced a NaN/Inf loss."""
+class RunStopped(RuntimeError):
+    """The run stopped itself with a message for the user (the CLI prints it and exits with status 1)."""
+
+
+class NonFiniteLossError(RunStopped):
+    """Too many consecutive steps produced a NaN/Inf loss, or the weights themselves became NaN/Inf."""
+
+
+class DistributedError(RunStopped):
+    """A collective operation failed: another rank died, or did not answer within ``train.dist_timeout_s``."""
+
+
+_COLLECTIVE_HINTS = ("gloo", "nccl", "timed out", "timeout", "connection", "pair closure", "processgroup",
+                     "socket", "broken pipe")
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(e, dist_error):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(h in text for h in _COLLECTIVE_HINTS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,6 +77,29 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class SkipSampler(Sampler[int]):
+    """The training sampler, able to start an epoch after its first ``skip`` indices (mid-epoch resume).
+
+    ``base`` is a ``RandomSampler`` drawing from the loader's generator (the order of a plain
+    ``shuffle=True`` loader) or a ``DistributedSampler``. The epoch's order is drawn in full, then the
+    indices already trained are passed over without loading them, so the rest of the epoch sees exactly
+    the images, in the order, of an uninterrupted run.
+    """
+
+    def __init__(self, base: Sampler[int] | None = None):
+        self.base = base
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.base)
+        for _ in range(self.skip):
+            next(it, None)
+        yield from it
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,14 +152,15 @@ class DistillStep(nn.Module):
 # Building a run
 
 
-def resolve_device(name: str) -> torch.device:
-    return dist.init_from_env(name)
+def resolve_device(name: str, timeout_s: int = 600) -> torch.device:
+    return dist.init_from_env(name, timeout_s=timeout_s)
 
 
 def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module | None, DistillStep]:
     """Student, frozen teacher (or None) and the step module, all on ``device``."""
     from detkd.distill.base import build_distiller
     from detkd.models import build_detector, check_pair, feature_channels
+    from detkd.models.weights import check_checkpoint_fits
 
     student = build_detector(cfg.model)
     if cfg.distill is None:
@@ -122,6 +172,10 @@ def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Modul
         raise ConfigError("distill.teacher_checkpoint: a trained teacher checkpoint is required")
     if not dc.methods:
         raise ConfigError("distill.methods: name at least one method (e.g. methods: [fgfi])")
+    if Path(dc.teacher_checkpoint).is_file():  # (else a torchvision weights name, or not found below)
+        check_checkpoint_fits(dc.teacher_checkpoint, dc.teacher, "distill.teacher", "distill.teacher_checkpoint")
+    if dc.student_init == "checkpoint" and dc.student_checkpoint and Path(dc.student_checkpoint).is_file():
+        check_checkpoint_fits(dc.student_checkpoint, cfg.model, "model", "distill.student_checkpoint")
     teacher_cfg = _with_weights(dc.teacher, dc.teacher_checkpoint)
     teacher = build_detector(teacher_cfg)
     teacher.eval()
@@ -212,6 +266,7 @@ class LoopState:
     iteration: int = 0
     best: float = -1.0
     bad_steps: int = 0
+    epoch_iter: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
 
 
 def _make_loaders(cfg: Config):
@@ -222,11 +277,15 @@ def _make_loaders(cfg: Config):
     if len(train_set) == 0:
         raise ConfigError(f"data: the training split under {cfg.data.root} has no images")
     world, rank = dist.world_size(), dist.rank()
-    train_sampler = (DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
-                     if world > 1 else None)
+    train_sampler = SkipSampler(
+        DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+        if world > 1 else None
+    )
     per_rank_bs = cfg.data.batch_size
-    train_loader = build_loader(train_set, per_rank_bs, cfg.data.workers, shuffle=train_sampler is None,
+    train_loader = build_loader(train_set, per_rank_bs, cfg.data.workers, shuffle=False,
                                 sampler=train_sampler, seed=cfg.train.seed, drop_last=len(train_set) > per_rank_bs)
+    if train_sampler.base is None:  # the sampler a shuffle=True loader would make, on the same generator
+        train_sampler.base = RandomSampler(train_set, generator=train_loader.generator)
     val_loader = build_loader(val_set, per_rank_bs, cfg.data.workers, shuffle=False,
                               sampler=ShardSampler(len(val_set), rank, world))
     return train_set, val_set, train_loader, val_loader, train_sampler
@@ -242,7 +301,7 @@ def _feature_loader(cfg: Config):
 
 
 def _checkpoint_state(step: DistillStep, opt, sched, scaler, state: LoopState, cfg: Config,
-                      metrics: dict[str, float] | None) -> dict[str, Any]:
+                      metrics: dict[str, float] | None, rngs: list[Any]) -> dict[str, Any]:
     return {
         "model": step.student.state_dict(),
         "distillers": step.distillers.state_dict(),
@@ -251,22 +310,29 @@ def _checkpoint_state(step: DistillStep, opt, sched, scaler, state: LoopState, c
         "scaler": scaler.state_dict(),
         "epoch": state.epoch,
         "iteration": state.iteration,
+        "epoch_iteration": state.epoch_iter,
+        "epoch_samples": state.epoch_iter * cfg.data.batch_size,
         "best": state.best,
-        "rng": rng_state(),
+        "rng": rngs[0],
+        "rng_ranks": rngs,
         "config": to_dict(cfg),
         "metrics": metrics or {},
         "world_size": dist.world_size(),
     }
 
 
-def _check_output_dir(out: Path, resume: bool) -> Path | None:
-    last = out / "last.pt"
+def _check_output_dir(out: Path, resume: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from (``--resume``), after removing half-written files of a killed run."""
+    if dist.is_main():
+        remove_partial_checkpoints(out)
+    dist.barrier()
     if resume:
-        if last.is_file():
-            return last
-        info(f"--resume: no checkpoint in {out}, starting a new run there")
-        return None
-    if last.is_file():
+        found = latest_checkpoint(out)
+        if found is None:
+            info(f"--resume: no checkpoint in {out.resolve()}, starting a new run there (relative paths are "
+                 f"resolved against the current directory, {Path.cwd()})")
+        return found
+    if (out / "last.pt").is_file():
         raise ConfigError(
             f"output_dir {out} already holds a run (last.pt); pass --resume to continue it or choose another "
             "output_dir (nothing was overwritten)"
@@ -274,11 +340,74 @@ def _check_output_dir(out: Path, resume: bool) -> Path | None:
     return None
 
 
+def _fingerprint(state: dict[str, Any]) -> str:
+    """A hash of every tensor (and plain value) of a nested state: equal iff bitwise equal."""
+    h = hashlib.sha1()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, Tensor):
+            h.update(str((obj.dtype, tuple(obj.shape))).encode())
+            h.update(obj.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                h.update(str(k).encode())
+                visit(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+        else:
+            h.update(repr(obj).encode())
+
+    visit(state)
+    return h.hexdigest()
+
+
+def _agree_across_ranks(distillers: nn.ModuleList) -> None:
+    """After a prototype refresh under DDP: every rank must distil against the same prototypes.
+
+    The refresh is deterministic and gathers the same features on every rank, so the states are equal; if
+    they ever are not, rank 0's state is given to every rank (and the disagreement is reported)."""
+    if not dist.is_dist() or not distillers:
+        return
+    prints = dist.all_gather_objects(_fingerprint(distillers.state_dict()))
+    if len(set(prints)) == 1:
+        return
+    differ = [r for r, p in enumerate(prints) if p != prints[0]]
+    info(f"warning: distiller state (prototypes) of rank(s) {differ} differs from rank 0 after the refresh; "
+         "using rank 0's on every rank")
+    state = dist.broadcast_object(_to_bytes(distillers.state_dict()) if dist.is_main() else None)
+    distillers.load_state_dict(_from_bytes(state))
+
+
+# Tensors inside objects sent with all_gather_object / broadcast_object_list do not always unpickle on the
+# other side (torch 2.14, gloo: "UntypedStorage has no attribute dtype"): send torch.save bytes instead.
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (a collective under DDP)."""
+    if not dist.is_dist():
+        return [rng_state()]
+    return [_from_bytes(b) for b in dist.all_gather_objects(_to_bytes(rng_state()))]
+
+
 def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or distil, when ``cfg.distill`` is set) and return the final evaluation metrics."""
-    device = resolve_device(cfg.train.device)
+    """Train (or distil, when ``cfg.distill`` is set) and return the final evaluation metrics.
+
+    ``resume`` continues the run in ``cfg.output_dir`` from its newest complete checkpoint (module
+    :mod:`detkd.engine.checkpoint`): epoch and position in the epoch, weights, optimizer, scheduler, AMP
+    scaler, every rank's RNG state and the distillers' state (prototypes).
+    """
+    device = dist.init_from_env(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     out = Path(cfg.output_dir)
-    resume_from = _check_output_dir(out, resume)
+    found = _check_output_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed + dist.rank())
     if cfg.train.deterministic:
@@ -301,18 +430,26 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
 
     state = LoopState()
     metrics: dict[str, float] = {}
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
+    resume_samples = 0
+    if found is not None:
+        resume_from, ckpt = found
         step.student.load_state_dict(ckpt["model"])
         step.distillers.load_state_dict(ckpt.get("distillers", {}))
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        state = LoopState(ckpt["epoch"], ckpt["iteration"], ckpt["best"])
+        state = LoopState(ckpt["epoch"], ckpt["iteration"], ckpt["best"], 0, int(ckpt.get("epoch_iteration", 0)))
+        resume_samples = int(ckpt.get("epoch_samples", state.epoch_iter * cfg.data.batch_size))
         metrics = ckpt.get("metrics", {})
         if ckpt.get("world_size", 1) == dist.world_size():
-            set_rng_state(ckpt["rng"])
-        info(f"resumed from {resume_from}: {state.epoch} epochs done, iteration {state.iteration}")
+            rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
+            set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
+        else:
+            info(f"resuming with world size {dist.world_size()} (checkpoint: {ckpt.get('world_size', 1)}): the "
+                 "data order and RNG streams differ from an uninterrupted run")
+        where = f", {state.epoch_iter} of its {iters_per_epoch} iterations" if state.epoch_iter else ""
+        info(f"resumed from {resume_from}: {state.epoch} epochs done{where}, iteration {state.iteration}")
+        del ckpt
 
     model: nn.Module = step
     if dist.is_dist():
@@ -322,17 +459,39 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
         )
 
     logger = RunLogger(out)
+    if found is not None:
+        logger.log({"kind": "resume", "epoch": state.epoch, "iteration": state.iteration,
+                    "checkpoint": str(found[0])}, state.iteration)
     context_loader = _feature_loader(cfg) if step.distillers else None
     n_params = sum(p.numel() for p in step.student.parameters())
     info(f"{'distil' if step.distillers else 'train'} {cfg.model.arch}/{cfg.model.backbone}: {n_params / 1e6:.2f} M "
          f"params, {len(train_set)} train / {len(val_set)} val images, {cfg.train.epochs} epochs x "
          f"{iters_per_epoch} iterations, device {device}, world size {dist.world_size()}, output {out}")
 
+    def save(names: list[str]) -> None:
+        """Write the loop's state to ``names`` in ``out`` (rank 0), unless the weights went non-finite."""
+        rngs = gather_rng_states()  # a collective: every rank takes part
+        bad = first_non_finite({**step.student.state_dict(), **{f"distillers.{k}": v for k, v in
+                                                                 step.distillers.state_dict().items()}})
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"{bad} holds NaN/Inf at iteration {state.iteration} although the losses were finite; the "
+                f"checkpoints in {out} were not overwritten (last.pt is the last good state); lower train.lr "
+                "or enable train.clip_grad"
+            )
+        if not dist.is_main():
+            return
+        ckpt = _checkpoint_state(step, opt, sched, scaler, state, cfg, metrics, rngs)
+        for name in names:
+            save_checkpoint(out / name, ckpt)
+
     try:
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch
-            if train_sampler is not None:
-                train_sampler.set_epoch(epoch)
+            if isinstance(train_sampler.base, DistributedSampler):
+                train_sampler.base.set_epoch(epoch)
+            train_sampler.skip = resume_samples
+            resume_samples = 0
             if hasattr(train_loader, "generator") and train_loader.generator is not None:
                 train_loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
             step.scale = (1.0 - epoch / cfg.train.epochs) if (cfg.distill and cfg.distill.decay) else 1.0
@@ -345,8 +504,17 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
                                                                        state.iteration))
                 for d in step.distillers:
                     d.on_epoch_start(ctx)
-            _train_one_epoch(model, step, train_loader, opt, sched, scaler, state, cfg, device, logger, progress)
+                _agree_across_ranks(step.distillers)
+
+            def mid_epoch_checkpoint() -> None:
+                every = cfg.train.checkpoint_every
+                if every and state.iteration % every == 0 and state.epoch_iter < iters_per_epoch:
+                    save(["last.pt"])
+
+            _train_one_epoch(model, step, train_loader, opt, sched, scaler, state, cfg, device, logger, progress,
+                             mid_epoch_checkpoint)
             state.epoch += 1
+            state.epoch_iter = 0
 
             last_epoch = state.epoch == cfg.train.epochs
             if (cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0) or last_epoch:
@@ -358,22 +526,32 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
             is_best = bool(metrics) and metrics.get("epoch") == state.epoch and metrics["mAP"] > state.best
             if is_best:
                 state.best = metrics["mAP"]
-            if dist.is_main():
-                ckpt = _checkpoint_state(step, opt, sched, scaler, state, cfg, metrics)
-                save_checkpoint(out / "last.pt", ckpt)
-                if cfg.train.keep_last:
-                    save_checkpoint(out / f"epoch_{state.epoch}.pt", ckpt)
-                    rotate_epoch_checkpoints(out, cfg.train.keep_last)
-                if is_best:
-                    save_checkpoint(out / "best.pt", ckpt)
+            names = ["last.pt"] + ([f"epoch_{state.epoch}.pt"] if cfg.train.keep_last else [])
+            save(names + (["best.pt"] if is_best else []))
+            if dist.is_main() and cfg.train.keep_last:
+                rotate_epoch_checkpoints(out, cfg.train.keep_last)
             dist.barrier()
+    except RunStopped:
+        raise
+    except Exception as e:
+        if dist.is_dist() and _is_collective_failure(e):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DistributedError(
+                f"rank {dist.rank()} of {dist.world_size()}: a collective operation failed at iteration "
+                f"{state.iteration} (another rank died, or did not answer within train.dist_timeout_s = "
+                f"{cfg.train.dist_timeout_s} s): {first}. Resume the run with --resume once every rank can run."
+            ) from e
+        raise
     finally:
         logger.close()
+    if device.type == "cuda" and metrics:
+        metrics = {**metrics, "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}  # for detkd bench
     return metrics
 
 
 def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, scaler, state: LoopState,
-                     cfg: Config, device: torch.device, logger: RunLogger, progress: bool) -> None:
+                     cfg: Config, device: torch.device, logger: RunLogger, progress: bool,
+                     after_step: Callable[[], None] = lambda: None) -> None:
     from detkd.data import model_targets
 
     step.student.train()
@@ -384,8 +562,9 @@ def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, sc
     window: dict[str, float] = {}
     n_window = 0
     t_window = time.perf_counter()
+    batches = iter(loader)
     try:
-        for images, targets in loader:
+        for images, targets in batches:
             images = [img.to(device, non_blocking=True).float() / 255.0 for img in images]
             tgts = [{k: v.to(device) for k, v in t.items()} for t in model_targets(targets)]
             with torch.autocast(device_type=device.type, enabled=use_amp):
@@ -409,6 +588,7 @@ def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, sc
                         f"checkpoint in {cfg.output_dir} is intact; lower train.lr or enable train.clip_grad."
                     )
                 state.iteration += 1
+                state.epoch_iter += 1
                 sched.step()
                 bar.update(len(images))
                 continue
@@ -424,6 +604,7 @@ def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, sc
             scaler.update()
             sched.step()
             state.iteration += 1
+            state.epoch_iter += 1
 
             for k, v in terms.items():
                 window[k] = window.get(k, 0.0) + float(v.detach())
@@ -440,16 +621,22 @@ def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, sc
                     rec.update({f"{d.name}/{k}": v for k, v in getattr(d, "stats", {}).items()})
                 logger.log(rec, state.iteration)
                 window, n_window, t_window = {}, 0, time.perf_counter()
+            after_step()
+            fault_point("train_step")
     finally:
         bar.close()
+        shutdown_workers(batches)  # now, not when a traceback that holds the iterator is freed
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, progress: bool = True) -> dict[str, float]:
     """Evaluate a detkd checkpoint, or a plain/exported state dict, with the model of ``cfg``."""
     from detkd.data import build_dataset, build_loader
     from detkd.models import build_detector, checkpoint_state_dict, load_checked
+    from detkd.models.weights import check_checkpoint_fits
 
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, cfg.train.dist_timeout_s)
+    if Path(checkpoint).is_file():
+        check_checkpoint_fits(checkpoint, cfg.model, "model", "--checkpoint")
     model = build_detector(cfg.model)
     load_checked(model, checkpoint_state_dict(checkpoint), checkpoint)
     model.to(device)
