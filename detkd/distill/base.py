@@ -7,6 +7,8 @@ both detectors on the same transformed batch and returns a dict of named, alread
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -89,4 +91,34 @@ def build_distiller(
             f"{where}.name: method {name!r} does not support {arch} (supported: {', '.join(cls.archs)})"
         )
     opts = from_dict(cls.Options, options, f"{where}.options")
-    return cls(opts, teacher_channels, student_channels, arch)
+    check_option_values(opts, where)
+    try:
+        return cls(opts, teacher_channels, student_channels, arch)
+    except ConfigError as e:  # the method's own checks: say which entry of distill.methods they concern
+        raise ConfigError(f"{where} ({name}): {e}") from None
+
+
+# Options that may be negative: seeds, and score thresholds where a negative value means "keep all".
+SIGNED_OPTIONS = frozenset({"seed", "min_score"})
+# Options that must be strictly positive: temperatures divide the logits.
+POSITIVE_OPTIONS = frozenset({"temperature", "temp"})
+
+
+def check_option_values(opts: Any, where: str) -> None:
+    """Value checks shared by every method, naming ``{where}.options.{option}`` (as an unknown option is
+    named; in YAML the options may also sit next to ``name``): numbers must be finite; weights,
+    counts, sizes, thresholds and lambda / K must not be negative (:data:`SIGNED_OPTIONS` excepted);
+    temperatures must be positive. Each method checks its own ranges on top (e.g. an IoU in (0, 1])."""
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            key = f"{where}.options.{f.name}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
+            if not math.isfinite(v):
+                raise ConfigError(f"{key}: must be a finite number, got {v}")
+            if f.name in POSITIVE_OPTIONS and v <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {v}")
+            if f.name not in SIGNED_OPTIONS and v < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {v}")

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -161,3 +162,51 @@ def load_detector_weights(model: nn.Module, source: str, what: str) -> None:
     info(f"detector {what}: loaded {source}")
     if skipped:
         info(f"detector {what}: class-specific layers left at their initial values: {', '.join(skipped)}")
+
+
+_RESNET_BY_BLOCKS = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50", (23, True): "resnet101",
+                     (36, True): "resnet152"}
+
+
+def describe_detector_state(state: dict[str, Tensor]) -> dict[str, Any]:
+    """What a detector state dict reveals about the model it came from, read from key names and shapes:
+    ``arch``, ``num_classes`` (foreground), ``backbone`` and ``fpn_channels``, each only where readable."""
+    out: dict[str, Any] = {}
+    cls = state.get("head.classification_head.cls_logits.weight")
+    reg = state.get("head.regression_head.bbox_reg.weight")
+    if "roi_heads.box_predictor.cls_score.weight" in state:
+        out["arch"] = "faster_rcnn"
+        out["num_classes"] = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]) - 1
+    elif cls is not None and "head.regression_head.bbox_ctrness.weight" in state:
+        out["arch"] = "fcos"
+        out["num_classes"] = int(cls.shape[0]) - 1
+    elif cls is not None and reg is not None and reg.shape[0] % 4 == 0 and reg.shape[0] > 0:
+        out["arch"] = "retinanet"
+        anchors = int(reg.shape[0]) // 4
+        if cls.shape[0] % anchors == 0:
+            out["num_classes"] = int(cls.shape[0]) // anchors - 1
+    blocks = {k.split(".")[3] for k in state if k.startswith("backbone.body.layer3.")}
+    if blocks:
+        bottleneck = any(k.startswith("backbone.body.layer1.0.conv3.") for k in state)
+        name = _RESNET_BY_BLOCKS.get((len(blocks), bottleneck))
+        if name:
+            out["backbone"] = name
+    elif any(k.startswith("backbone.body.0.") for k in state):
+        out["backbone"] = "mobilenet_v3_large"
+    fpn = state.get("backbone.fpn.inner_blocks.0.0.weight", state.get("backbone.fpn.inner_blocks.0.weight"))
+    if fpn is not None:
+        out["fpn_channels"] = int(fpn.shape[0])
+    return out
+
+
+def check_checkpoint_fits(path: str | Path, cfg: Any, section: str, key: str) -> None:
+    """Raise :class:`CheckpointError` when the detector in checkpoint ``path`` (given by config key ``key``)
+    is of another family, class count, backbone or FPN width than config section ``section`` (a
+    :class:`~detkd.config.ModelConfig`), naming the checkpoint, each difference and the config key."""
+    found = describe_detector_state(checkpoint_state_dict(path))
+    what = {"arch": "a {} detector", "num_classes": "{} classes", "backbone": "a {} backbone",
+            "fpn_channels": "{} FPN channels"}
+    diffs = [f"it has {what[f].format(v)}, {section}.{f} is {getattr(cfg, f)}"
+             for f, v in found.items() if getattr(cfg, f) != v]
+    if diffs:
+        raise CheckpointError(f"{key}: checkpoint {path} does not fit {section}: " + "; ".join(diffs))
