@@ -327,6 +327,13 @@ def test_corrupt_image_error_and_skip(tmp_path, capsys):
     ds = coco_dataset(ann, image_dir)  # decodability is checked lazily
     with pytest.raises(DataError, match=r"a\.png \(id 10\): cannot decode image"):
         ds[0]
+    # skip: a file that is no image at all is found by its header at construction, counted in the summary
+    capsys.readouterr()
+    ds = coco_dataset(ann, image_dir, bad_images="skip", train=True)
+    assert len(ds) == 1 and "bad images (skip): 1 of 2 skipped (1 unreadable)" in capsys.readouterr().err
+    # a truncated file (sound header) is only found when decoded
+    write_image(image_dir / "a.png", 40, 30)
+    (image_dir / "a.png").write_bytes((image_dir / "a.png").read_bytes()[:1000])
     # skip, training: replaced by the next decodable item; reported once per file
     ds = coco_dataset(ann, image_dir, bad_images="skip", train=True)
     capsys.readouterr()

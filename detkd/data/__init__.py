@@ -56,9 +56,10 @@ def build_dataset(cfg: DataConfig, split: str, model: ModelConfig, train: bool |
 
     if cfg.format == "digits":
         root = ensure_digits(root, cfg.digits)
-        dataset = coco_dataset(root / "annotations" / f"instances_{split}.json", root / split, name=name, **common)
+        dataset = coco_dataset(root / "annotations" / f"instances_{split}.json", root / split, name=name,
+                               bad_annotations=cfg.bad_annotations, **common)
     elif cfg.format == "coco":
-        dataset = coco_dataset(root / ann, root / images, name=name, **common)
+        dataset = coco_dataset(root / ann, root / images, name=name, bad_annotations=cfg.bad_annotations, **common)
     elif cfg.format == "voc":
         sets = cfg.train_sets if split == "train" else cfg.val_sets
         dataset = voc_dataset(root, sets, cfg.class_names, name=name, **common)

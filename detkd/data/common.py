@@ -136,13 +136,26 @@ class DetectionDataset(torch.utils.data.Dataset):
     # Construction-time checks
 
     def _check_image(self, rec: ImageRecord, counts: Counter[str]) -> bool:
-        """True when the file exists (and, when the size is not annotated, its header reads)."""
+        """True when the file exists and is not empty, and its header reads when the size is not annotated
+        or when ``bad_images="skip"`` (so that files that are no image at all are counted here, in the
+        summary line, rather than met one by one while training)."""
         where = f"{rec.source}: image {rec.file.name} (id {rec.image_id})"
         if not rec.file.is_file():
             if self.bad_images == "skip":
                 counts["missing"] += 1
                 return False
             raise DataFileNotFoundError(f"{where}: image file not found: {rec.file}")
+        if rec.file.stat().st_size == 0:
+            if self.bad_images == "skip":
+                counts["empty file"] += 1
+                return False
+            raise DataError(f"{where}: image file is empty (0 bytes): {rec.file}")
+        if self.bad_images == "skip" and rec.width > 0 and rec.height > 0:
+            try:
+                read_image_size(rec.file)
+            except (OSError, ValueError, SyntaxError):
+                counts["unreadable"] += 1
+                return False
         if rec.width <= 0 or rec.height <= 0:
             try:
                 rec.height, rec.width = read_image_size(rec.file)
