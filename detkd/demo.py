@@ -1,103 +1,62 @@
 """``detkd demo``: the whole story offline on the embedded digits data, in minutes on a CPU.
 
-Makes the digits data (if absent), trains a teacher and a weaker student, distils the student from the
-teacher with a classic baseline and with the global-knowledge method, evaluates every model and prints
-one table. Each stage writes ``results.json`` when it finishes; running the demo again skips finished
-stages and resumes an interrupted one.
+The demo is a one-seed ``detkd bench`` (:mod:`detkd.bench`) written into ``OUT/``: it makes the digits
+data (if absent), trains a Faster R-CNN ResNet-34 teacher, pre-trains a narrow ResNet-18 student, then
+trains that student one more epoch alone, with FGFI and with the global-knowledge method, evaluates
+every model and prints one table. Finished runs are skipped when the demo runs again; an interrupted one
+resumes. Faster R-CNN because it learns digits from scratch within minutes (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from detkd.config import (
-    Config,
-    DataConfig,
-    DigitsConfig,
-    DistillConfig,
-    MethodConfig,
-    ModelConfig,
-    TrainConfig,
-)
-from detkd.utils import info
+import yaml
+
+from detkd.config import DataConfig, DigitsConfig, ModelConfig, TrainConfig, to_dict
+from detkd.utils import atomic_write_text, info
 
 
-@dataclass
-class Stage:
-    name: str
-    cfg: Config
-    note: str
-
-
-def demo_stages(out_dir: str | Path, quick: bool = False) -> list[Stage]:
-    """The demo's runs, smallest settings that still separate teacher and student on 2 CPU cores."""
-    out = Path(out_dir)
+def demo_files(out_dir: str | Path, quick: bool = False) -> Path:
+    """Write the demo's student, teacher and bench files under ``OUT/configs``; return the bench file."""
+    out = Path(out_dir).resolve()
     size = 64
-    digits = DigitsConfig(image_size=size, train_images=64 if quick else 800, val_images=16 if quick else 200,
+    digits = DigitsConfig(image_size=size, train_images=32 if quick else 400, val_images=16 if quick else 200,
                           min_digits=1, max_digits=2, scale_min=1.2, scale_max=1.8, seed=0)
     data = DataConfig(format="digits", root=str(out / "data"), batch_size=8, workers=0, hflip=0.0, digits=digits)
-    base_model = ModelConfig(arch="retinanet", num_classes=10, min_size=size, max_size=size, norm="bn",
-                             anchor_sizes=[16, 32, 64, 128, 256], score_thresh=0.05, detections_per_img=10)
-    teacher = copy.deepcopy(base_model)
-    teacher.backbone, teacher.fpn_channels = "resnet34", 96
-    student = copy.deepcopy(base_model)
-    student.backbone, student.fpn_channels = "resnet18", 32
-    train = TrainConfig(epochs=1 if quick else 5, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_iters=50,
-                        schedule="cosine", eval_every=0, keep_last=0, log_every=20, seed=0)
-    student_train = copy.deepcopy(train)
-    student_train.epochs = 1 if quick else 3
+    model = ModelConfig(arch="faster_rcnn", backbone="resnet18", num_classes=10, fpn_channels=32, min_size=size,
+                        max_size=size, norm="bn", anchor_sizes=[16, 32, 64, 128, 256],
+                        rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=150,
+                        rpn_post_nms_top_n_test=100, box_batch_size_per_image=64, detections_per_img=20)
+    train = TrainConfig(epochs=1 if quick else 2, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_iters=20,
+                        schedule="cosine", eval_every=0, keep_last=0, log_every=10, seed=0)
+    student = {"data": to_dict(data), "model": to_dict(model), "train": to_dict(train)}
+    teacher = copy.deepcopy(student)
+    teacher["model"].update(backbone="resnet34", fpn_channels=64)
+    teacher["train"]["epochs"] = 1 if quick else 4
 
-    def run(name: str, model: ModelConfig, tr: TrainConfig, distill: DistillConfig | None = None) -> Config:
-        return Config(data=copy.deepcopy(data), model=copy.deepcopy(model), train=copy.deepcopy(tr),
-                      distill=distill, output_dir=str(out / name))
-
-    teacher_ckpt = str(out / "teacher" / "last.pt")
-
-    def distill(methods: list[MethodConfig]) -> DistillConfig:
-        return DistillConfig(teacher=copy.deepcopy(teacher), teacher_checkpoint=teacher_ckpt, methods=methods)
-
-    return [
-        Stage("teacher", run("teacher", teacher, train), "RetinaNet ResNet-34-FPN (96 ch), 5 epochs"),
-        Stage("student", run("student", student, student_train), "RetinaNet ResNet-18-FPN (32 ch), 3 epochs"),
-        Stage("fgfi", run("student_fgfi", student, student_train, distill([MethodConfig("fgfi")])),
-              "student + FGFI feature imitation"),
-        Stage("global", run("student_global", student, student_train, distill([MethodConfig("global")])),
-              "student + global knowledge (PGM + RDM)"),
-    ]
+    configs = out / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(configs / "student.yaml", yaml.safe_dump(student, sort_keys=False))
+    atomic_write_text(configs / "teacher.yaml", yaml.safe_dump(teacher, sort_keys=False))
+    bench: dict[str, Any] = {
+        "student_config": "student.yaml", "teacher_config": "teacher.yaml", "output_dir": str(out / "runs"),
+        "seeds": [0], "pretrain_epochs": train.epochs, "epochs": 1,
+        "finetune_overrides": ["train.warmup_iters=5"],
+        "methods": {"fgfi": ["fgfi"], "global": [{"name": "global", "max_images_per_class": 20}]},
+    }
+    atomic_write_text(configs / "bench.yaml", yaml.safe_dump(bench, sort_keys=False))
+    return configs / "bench.yaml"
 
 
-def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> list[dict]:
-    from detkd.engine.trainer import fit
+def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
+    from detkd.bench import run_bench
 
-    rows = []
-    t_all = time.perf_counter()
-    for stage in demo_stages(out_dir, quick):
-        result_file = Path(stage.cfg.output_dir) / "results.json"
-        if result_file.is_file():
-            row = json.loads(result_file.read_text())
-            info(f"[demo] {stage.name}: finished earlier, reusing {result_file}")
-        else:
-            info(f"[demo] {stage.name}: {stage.note}")
-            t0 = time.perf_counter()
-            metrics = fit(stage.cfg, resume=(Path(stage.cfg.output_dir) / "last.pt").is_file())
-            row = {"run": stage.name, "model": stage.note, "mAP": metrics["mAP"], "AP50": metrics["AP50"],
-                   "AP75": metrics["AP75"], "minutes": (time.perf_counter() - t0) / 60}
-            result_file.write_text(json.dumps(row, indent=2))
-        rows.append(row)
-    print(format_table(rows))
-    print(f"total {(time.perf_counter() - t_all) / 60:.1f} min; runs and logs under {out_dir}")
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    head = f"| {'run':<8} | {'model':<46} | {'mAP':>6} | {'AP50':>6} | {'AP75':>6} | {'min':>5} |"
-    sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
-    lines = [head, sep]
-    for r in rows:
-        lines.append(f"| {r['run']:<8} | {r['model']:<46} | {r['mAP']:6.3f} | {r['AP50']:6.3f} | {r['AP75']:6.3f} "
-                     f"| {r['minutes']:5.1f} |")
-    return "\n".join(lines)
+    t0 = time.perf_counter()
+    summary = run_bench(demo_files(out_dir, quick))
+    info(f"[demo] total {(time.perf_counter() - t0) / 60:.1f} min; runs, logs, table.md and map.png under "
+         f"{Path(out_dir) / 'runs'}")
+    return summary

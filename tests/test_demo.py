@@ -1,4 +1,4 @@
-"""`detkd demo --quick`: every stage runs, the table is printed, and a rerun reuses finished stages."""
+"""`detkd demo --quick`: every run of the demo bench finishes, the table is printed, and a rerun skips them."""
 
 import json
 
@@ -9,11 +9,11 @@ def test_quick_demo_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for run in ("teacher", "student", "fgfi", "global"):
-        assert f"| {run}" in printed
-        assert (out / ("student_" + run if run in ("fgfi", "global") else run) / "results.json").is_file()
-    row = json.loads((out / "teacher" / "results.json").read_text())
-    assert 0.0 <= row["mAP"] <= 1.0
+    for row in ("teacher", "student, pre-trained", "student baseline", "+ fgfi", "+ global", "fair budget"):
+        assert row in printed
+    data = json.loads((out / "runs" / "results.json").read_text())
+    assert len(data["runs"]) == 6
+    assert all(0.0 <= r["metrics"]["mAP"] <= 1.0 for r in data["runs"])
+    assert (out / "runs" / "map.png").is_file()
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    err = capsys.readouterr().err
-    assert err.count("finished earlier") == 4
+    assert "6 runs (6 finished earlier)" in capsys.readouterr().err
