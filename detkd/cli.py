@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as e:
         from detkd.bench import BenchError
-        from detkd.engine.trainer import NonFiniteLossError
+        from detkd.engine.trainer import RunStopped  # non-finite losses, a failed DDP collective
 
-        if not isinstance(e, (NonFiniteLossError, BenchError)):
+        if not isinstance(e, (RunStopped, BenchError)):
             raise
         print(f"detkd: error: {e}", file=sys.stderr)
         return 1
