@@ -527,3 +527,19 @@ def test_a_failing_rank_makes_the_others_exit_instead_of_hanging(failure, data_r
         assert torch.equal(entry["indices"], two["entries"][key]["indices"]), key
         for name in ("teacher", "student"):
             torch.testing.assert_close(entry[name], two["entries"][key][name], rtol=1e-4, atol=1e-4)
+
+
+def test_label_zero_detections_never_reach_the_evaluation():
+    """RetinaNet / FCOS can output their never-positive index 0 early in training; a long run once stopped in
+    its evaluation on it ("category_id = 0 is not a category")."""
+    from detkd.engine.evaluate import predict
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images):
+            return [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0], [2.0, 2.0, 9.0, 9.0]]),
+                     "labels": torch.tensor([0, 3]), "scores": torch.tensor([0.9, 0.5])} for _ in images]
+
+    target = {"image_id": torch.tensor(7), "orig_size": torch.tensor([32, 32])}
+    dets = predict(Fixed(), [([torch.zeros(3, 32, 32, dtype=torch.uint8)], [target])], torch.device("cpu"),
+                   progress=False)
+    assert [(d["image_id"], d["category_id"]) for d in dets] == [(7, 3)]

@@ -27,7 +27,8 @@ def shutdown_workers(batches: Any) -> None:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Any, device: torch.device, progress: bool = True) -> list[dict]:
-    """Detections of this rank's share of ``loader`` in COCO result format, in original image coordinates."""
+    """Detections of this rank's share of ``loader`` in COCO result format, in original image coordinates
+    (label 0, background / never positive, is dropped)."""
     from detkd.evaluation import outputs_to_detections
 
     was_training = model.training
@@ -39,7 +40,9 @@ def predict(model: nn.Module, loader: Any, device: torch.device, progress: bool 
         for images, targets in batches:
             batch = [img.to(device, non_blocking=True).float() / 255.0 for img in images]
             outputs = model(batch)
-            outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
+            # RetinaNet / FCOS heads have an output for index 0 that is never trained positive (docs/
+            # architecture.md, "Labels"); early in training it can still pass score_thresh. It is no category.
+            outputs = [{k: v.cpu()[o["labels"].cpu() > 0] for k, v in o.items()} for o in outputs]
             ids = [int(t["image_id"]) for t in targets]
             scales = []
             for img, t in zip(images, targets):
