@@ -70,6 +70,8 @@ class BenchConfig:
     fair_budget: bool = True  # add the baseline trained pretrain_epochs + epochs in one schedule
     overrides: list[str] = field(default_factory=list)  # key=value for every run (teacher included)
     teacher_overrides: list[str] = field(default_factory=list)  # key=value for the teacher run only
+    distill_overrides: list[str] = field(default_factory=list)  # key=value for every distilled run, e.g.
+    # distill.balance=1.0 (pairs trained from scratch; see docs/bench.md)
     finetune_overrides: list[str] = field(default_factory=list)  # key=value for the runs that start from the
     # pre-trained student (baseline and methods), e.g. a shorter warm-up for a short second phase
     output_dir: str = "runs/bench"  # runs, table, plots
@@ -189,7 +191,8 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
                 "student_init": "checkpoint" if init else "none",
                 "student_checkpoint": init,
             }
-            runs.append(Run(f"seed{seed}/{label}", label, seed, "distill", apply_overrides(raw, list(m.overrides))))
+            raw = apply_overrides(raw, [*cfg.distill_overrides, *m.overrides])
+            runs.append(Run(f"seed{seed}/{label}", label, seed, "distill", raw))
         if pre > 0 and cfg.fair_budget:
             runs.append(Run(f"seed{seed}/fair_budget", "fair_budget", seed, "train",
                             _with(student, out / f"seed{seed}/fair_budget", seed=seed, epochs=pre + epochs)))
@@ -265,6 +268,7 @@ def execute(run: Run, out: Path, quiet: bool = True) -> dict[str, Any]:
         "wall_s": wall, "resumed": resumed,  # a resumed run's wall time is that of its last attempt only
         "peak_rss_mb": usage.ru_maxrss / 1024.0,  # kilobytes on Linux
         "gpu_peak_mb": metrics.pop("gpu_peak_mb", None),
+        "config": run.raw,
     }
     atomic_write_text(result_path(run, out), json.dumps(result, indent=2))
     return result
@@ -290,6 +294,7 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out) if not dry_run else None  # held until this process exits
     todo = [r for r in runs if not result_path(r, out).is_file()]
+    _check_unchanged([r for r in runs if r not in todo], out)
     info(f"bench {path}: {len(runs)} runs ({len(runs) - len(todo)} finished earlier), output {out}")
     if dry_run:
         for r in runs:
@@ -322,6 +327,17 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
         raise BenchError(f"{len(failures)} run(s) failed: {', '.join(failures)} (logs under {out}); rerun the "
                          "bench to retry them, finished runs are kept")
     return summary
+
+
+def _check_unchanged(finished: list[Run], out: Path) -> None:
+    """A finished run is reused only if the bench would run it with the same config."""
+    for r in finished:
+        saved = json.loads(result_path(r, out).read_text()).get("config")
+        if saved is not None and saved != r.raw:
+            raise ConfigError(
+                f"bench run {r.name} finished with another config than the bench file gives now; move or delete "
+                f"{r.folder(out)} to run it again, or use another output_dir (nothing was deleted)"
+            )
 
 
 def _lock(out: Path):

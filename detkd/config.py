@@ -142,6 +142,8 @@ class DistillConfig:
     student_init: Literal["none", "checkpoint", "inherit"] = "none"  # start of the student
     student_checkpoint: str = ""  # student_init checkpoint: its weights
     decay: bool = False  # scale every distillation term by (1 - epoch / epochs)
+    balance: float = 0.0  # > 0: on the first step, scale down each method whose loss exceeds balance x the
+    # detection loss to that size, then keep the factor (for pairs trained from scratch; 0 = the papers' weights)
 
 
 @dataclass
@@ -315,6 +317,8 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(msg)
     if cfg.distill is not None:
+        if cfg.distill.balance < 0:
+            raise ConfigError(f"distill.balance must be >= 0, got {cfg.distill.balance}")
         for i, m in enumerate(cfg.distill.methods):
             if m.weight < 0:
                 raise ConfigError(f"distill.methods[{i}].weight must be >= 0, got {m.weight}")

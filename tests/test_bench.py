@@ -29,6 +29,7 @@ def _bench_file(tmp_path, **extra) -> str:
     _write_pair(tmp_path)
     bench = {"student_config": "student.yaml", "teacher_config": "teacher.yaml", "seeds": [0],
              "pretrain_epochs": 1, "epochs": 1, "output_dir": str(tmp_path / "bench"),
+             "distill_overrides": ["distill.balance=2.0"],
              "methods": {"fitnet": ["fitnet"], "kd": {"methods": [{"name": "kd", "weight": 0.5}],
                                                       "overrides": ["train.clip_grad=10"]}}}
     bench.update(extra)
@@ -51,6 +52,8 @@ def test_plan_shares_one_start_and_validates_early(tmp_path):
         assert d["teacher_checkpoint"] == str(tmp_path / "bench" / "teacher" / "last.pt")
         assert d["teacher"]["fpn_channels"] == 48
     assert runs["seed0/kd"].raw["train"]["clip_grad"] == 10  # the row's own override
+    assert runs["seed0/kd"].raw["distill"]["balance"] == 2.0  # distill_overrides: distilled runs only
+    assert "distill" not in runs["seed0/baseline"].raw and "distill" not in runs["teacher"].raw
     assert runs["seed0/fitnet"].raw["train"]["clip_grad"] == 0.0
     assert runs["seed0/fair_budget"].raw["train"]["epochs"] == 2  # pre-training + distillation
     assert "weights" not in runs["seed0/fair_budget"].raw["model"] or \
@@ -117,6 +120,14 @@ def test_bench_runs_writes_table_and_plots_and_resumes(tmp_path, capsys):
     assert (out / "seed0" / "kd" / "result.json").is_file()
     assert json.loads((out / "seed0" / "kd" / "result.json").read_text())["resumed"] is True
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+    # a finished run is not reused under another config: the bench stops and names it, deleting nothing
+    changed = yaml.safe_load(open(path))
+    changed["methods"]["kd"]["methods"][0]["weight"] = 0.25
+    open(path, "w").write(yaml.safe_dump(changed))
+    assert main(["bench", path]) == 2
+    assert "bench run seed0/kd finished with another config" in capsys.readouterr().err
+    assert (out / "seed0" / "kd" / "result.json").is_file()
 
 
 def test_failed_run_is_reported_and_blocks_its_dependants(tmp_path, capsys):

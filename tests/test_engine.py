@@ -161,6 +161,43 @@ def test_combined_methods_with_weights_and_decay(data_root, teachers, tmp_path):
     assert {"defeat_fg", "defeat_bg", "kd_cls"} <= set(train[-1])
 
 
+def test_balance_scales_by_hand():
+    from detkd.engine.trainer import balance_scales
+
+    det = {"a": torch.tensor(0.6), "b": torch.tensor(0.4)}  # detection loss 1.0
+    outputs = [{"feat": torch.tensor(150.0), "bg": torch.tensor(50.0)}, {"kd": torch.tensor(0.25)}]
+    # method 1: 2 x 200 = 400 -> 0.5 * 1.0 / 400; method 2: 2 x 0.25 = 0.5 <= 0.5 x 1.0 -> unchanged
+    assert balance_scales(det, outputs, [2.0, 2.0], 0.5) == pytest.approx([0.00125, 1.0])
+    assert balance_scales(det, [{"x": torch.tensor(0.0)}], [1.0], 1.0) == [1.0]  # nothing to balance
+
+
+def test_balance_caps_each_method_on_the_first_step_and_survives_resume(data_root, teachers, tmp_path):
+    cfg = with_distill(tiny_config(data_root, tmp_path / "run", epochs=1, train_images=8), teachers["retinanet"],
+                       ["fitnet", "kd"])
+    cfg.distill.balance = 0.5
+    fit(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    fitnet_scale, kd_scale = ckpt["balance_scales"]
+    assert 0.0 < fitnet_scale < 1.0  # random features: the FitNet term is far above the detection loss
+    first = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"][0]
+    det = first["classification"] + first["bbox_regression"]
+    assert first["fitnet_feat"] <= 0.5 * det * 1.5  # capped on the first step (log_every 1: that step)
+    assert kd_scale == 1.0 or first["kd_cls"] <= 0.5 * det * 1.5
+
+    # resumed runs keep the factors of the first step instead of measuring new ones
+    cfg2 = copy.deepcopy(cfg)
+    cfg2.train.epochs = 2
+    fit(cfg2, resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["balance_scales"] == [fitnet_scale, kd_scale]
+
+    bad = copy.deepcopy(cfg)
+    bad.distill.balance = -1.0
+    with pytest.raises(ConfigError, match="distill.balance must be >= 0"):
+        from detkd.config import validate
+
+        validate(bad)
+
+
 def test_incompatible_pair_fails_before_training(data_root, teachers, tmp_path):
     cfg = with_distill(tiny_config(data_root, tmp_path / "run"), teachers["faster_rcnn"], ["fitnet"])
     cfg.distill.teacher.min_size = 96
