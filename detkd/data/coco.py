@@ -49,7 +49,7 @@ def _list_of_dicts(data: dict[str, Any], key: str, path: Path, skip: Counter[str
         if isinstance(entry, dict):
             out.append(entry)
         elif skip is not None:
-            skip[f"{key} entries that are not objects"] += 1
+            skip[f"{key[:-1]} entries that are not objects"] += 1  # "image entries ..."
         else:
             raise DataError(f"{path}: {key}[{i}] is not an object: {entry!r}")
     return out

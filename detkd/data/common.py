@@ -4,8 +4,10 @@ A format loader (:mod:`detkd.data.coco`, :mod:`detkd.data.voc`) only parses its 
 :class:`ImageRecord` entries in ORIGINAL pixel coordinates. :class:`DetectionDataset` then applies one
 policy to all formats, at construction, so bad input surfaces before training starts:
 
-- image files: every referenced file must exist (``bad_images="error"`` raises, ``"skip"`` drops it);
-  files that fail to decode are found lazily, when loaded (see :meth:`DetectionDataset.__getitem__`);
+- image files: every referenced file must exist and not be empty (``bad_images="error"`` raises,
+  ``"skip"`` drops it); under ``"skip"`` every header is also read, so files that are no image at all are
+  dropped and counted here; files that fail to decode further in are found lazily, when loaded (see
+  :meth:`DetectionDataset.__getitem__`);
 - boxes: non-finite, non-positive width/height or reaching outside the image by more than
   :data:`BOX_TOLERANCE` px are handled by ``bad_boxes``: ``repair`` clips to the image and drops what is
   still degenerate, ``drop`` drops every bad box, ``error`` raises naming the file and the entry.

@@ -431,8 +431,10 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     state = LoopState()
     metrics: dict[str, float] = {}
     resume_samples = 0
+    resume_from: Path | None = None
     if found is not None:
         resume_from, ckpt = found
+        found = None  # the loaded dict (optimizer state included) is not kept for the whole run
         step.student.load_state_dict(ckpt["model"])
         step.distillers.load_state_dict(ckpt.get("distillers", {}))
         opt.load_state_dict(ckpt["optimizer"])
@@ -441,12 +443,15 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
         state = LoopState(ckpt["epoch"], ckpt["iteration"], ckpt["best"], 0, int(ckpt.get("epoch_iteration", 0)))
         resume_samples = int(ckpt.get("epoch_samples", state.epoch_iter * cfg.data.batch_size))
         metrics = ckpt.get("metrics", {})
-        if ckpt.get("world_size", 1) == dist.world_size():
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world == dist.world_size():
             rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
             set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
         else:
-            info(f"resuming with world size {dist.world_size()} (checkpoint: {ckpt.get('world_size', 1)}): the "
-                 "data order and RNG streams differ from an uninterrupted run")
+            # each rank skips its share of the images the old ranks trained in this epoch
+            resume_samples = resume_samples * saved_world // dist.world_size()
+            info(f"resuming with world size {dist.world_size()} (checkpoint: {saved_world}): the data order and "
+                 "RNG streams differ from an uninterrupted run")
         where = f", {state.epoch_iter} of its {iters_per_epoch} iterations" if state.epoch_iter else ""
         info(f"resumed from {resume_from}: {state.epoch} epochs done{where}, iteration {state.iteration}")
         del ckpt
@@ -459,9 +464,9 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
         )
 
     logger = RunLogger(out)
-    if found is not None:
+    if resume_from is not None:
         logger.log({"kind": "resume", "epoch": state.epoch, "iteration": state.iteration,
-                    "checkpoint": str(found[0])}, state.iteration)
+                    "checkpoint": str(resume_from)}, state.iteration)
     context_loader = _feature_loader(cfg) if step.distillers else None
     n_params = sum(p.numel() for p in step.student.parameters())
     info(f"{'distil' if step.distillers else 'train'} {cfg.model.arch}/{cfg.model.backbone}: {n_params / 1e6:.2f} M "
@@ -473,6 +478,8 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
         rngs = gather_rng_states()  # a collective: every rank takes part
         bad = first_non_finite({**step.student.state_dict(), **{f"distillers.{k}": v for k, v in
                                                                  step.distillers.state_dict().items()}})
+        if dist.is_dist():  # buffers (BatchNorm statistics) differ between ranks: every rank must stop
+            bad = next((b for b in dist.all_gather_objects(bad) if b is not None), None)
         if bad is not None:
             raise NonFiniteLossError(
                 f"{bad} holds NaN/Inf at iteration {state.iteration} although the losses were finite; the "
