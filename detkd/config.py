@@ -142,8 +142,8 @@ class DistillConfig:
     student_init: Literal["none", "checkpoint", "inherit"] = "none"  # start of the student
     student_checkpoint: str = ""  # student_init checkpoint: its weights
     decay: bool = False  # scale every distillation term by (1 - epoch / epochs)
-    balance: float = 0.0  # > 0: on the first step, scale down each method whose loss exceeds balance x the
-    # detection loss to that size, then keep the factor (for pairs trained from scratch; 0 = the papers' weights)
+    balance: float = 0.0  # > 0: on the first step, scale down each distillation term larger than balance x the
+    # detection loss to that size, then keep the factors (pairs trained from scratch; 0 = the papers' weights)
 
 
 @dataclass
