@@ -12,7 +12,10 @@ def write(tmp_path, name, text):
 
 
 def test_every_shipped_config_validates():
-    files = [f for f in sorted(glob.glob("configs/*/*.yaml")) if "_base" not in f]
+    # configs/bench/*.yaml are bench files (next test); the run configs they name are under configs/bench/*/
+    bench_files = set(glob.glob("configs/bench/*.yaml"))
+    files = [f for f in sorted(glob.glob("configs/*/*.yaml") + glob.glob("configs/bench/*/*.yaml"))
+             if "_base" not in f and f not in bench_files]
     assert len(files) > 40
     for f in files:
         cfg = load_config(f)
@@ -20,6 +23,19 @@ def test_every_shipped_config_validates():
         if cfg.distill is not None:
             assert cfg.distill.teacher.num_classes == cfg.model.num_classes
             assert cfg.distill.methods
+
+
+def test_every_shipped_bench_plans_valid_runs():
+    from detkd.bench import load_bench, plan_runs
+
+    files = sorted(glob.glob("configs/bench/*.yaml"))
+    assert len(files) == 6
+    for f in files:
+        cfg, methods = load_bench(f)
+        runs = plan_runs(cfg, methods)  # validates every run's config
+        rows = {r.row for r in runs}
+        assert {"teacher", "baseline", "global", "fgd", "gid", "kd+prototypes"} <= rows
+        assert len({r.seed for r in runs if r.seed >= 0}) == 3
 
 
 def test_unknown_key_is_named(tmp_path):

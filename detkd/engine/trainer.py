@@ -113,13 +113,15 @@ class DistillStep(nn.Module):
     """
 
     def __init__(self, student: nn.Module, distillers: nn.ModuleList | None = None,
-                 weights: list[float] | None = None, teacher: nn.Module | None = None):
+                 weights: list[float] | None = None, teacher: nn.Module | None = None, balance: float = 0.0):
         super().__init__()
         self.student = student
         self.distillers = distillers if distillers is not None else nn.ModuleList()
         self.weights = weights or []
         self._teacher = [teacher] if teacher is not None else []  # a list hides it from .parameters()
         self.scale = 1.0  # distillation decay factor, set by the loop every epoch
+        self.balance = balance  # distill.balance: > 0 caps each method's loss at balance x detection loss
+        self.balance_scales: list[dict[str, float]] = []  # per method and term, fixed on the first step
         if self.distillers:
             from detkd.taps import TapRequest
 
@@ -141,11 +143,40 @@ class DistillStep(nn.Module):
         image_list, tgts = transform_batch(self.student, images, targets)
         det_losses, s_taps = tap_student(self.student, image_list, tgts)
         t_taps = tap_teacher(self.teacher, image_list, tgts, self.request, s_taps)
+        outputs = [d(t_taps, s_taps, tgts) for d in self.distillers]
+        if self.balance > 0 and not self.balance_scales:
+            self.balance_scales = balance_scales(det_losses, outputs, self.weights, self.balance)
+            info("distill.balance: term factors " + ", ".join(
+                f"{k} {b:.3g}" for scales in self.balance_scales for k, b in scales.items()))
+        factors = self.balance_scales or [{} for _ in outputs]
         kd_losses: dict[str, Tensor] = {}
-        for d, w in zip(self.distillers, self.weights):
-            for k, v in d(t_taps, s_taps, tgts).items():
-                kd_losses[k] = v * (w * self.scale)
+        for out, w, b in zip(outputs, self.weights, factors):
+            for k, v in out.items():
+                kd_losses[k] = v * (w * b.get(k, 1.0) * self.scale)
         return det_losses, kd_losses
+
+
+def balance_scales(det_losses: dict[str, Tensor], outputs: list[dict[str, Tensor]], weights: list[float],
+                   balance: float) -> list[dict[str, float]]:
+    """``distill.balance``: one factor per distillation term, min(1, balance * detection loss / weighted
+    term), measured on the first batch (averaged over DDP ranks) and then fixed for the run.
+
+    The papers' loss weights were tuned for ImageNet-pretrained FPN features; a pair trained from scratch
+    can have features 10-100x larger, and its feature-imitation terms then swamp the detection loss. The
+    factor never raises a weight, and terms that do not grow with the feature scale (KL divergences,
+    relations, projections on prototypes) usually keep their published weight.
+    """
+    det = sum(float(v.detach()) for v in det_losses.values())
+    names = [(i, k) for i, out in enumerate(outputs) for k in out]
+    values = [weights[i] * float(outputs[i][k].detach()) for i, k in names]
+    device = next(iter(det_losses.values())).device  # NCCL reduces CUDA tensors only
+    ratios = torch.tensor([balance * det / v if v > 0 else 1.0 for v in values], dtype=torch.float64,
+                          device=device)
+    ratios = dist.all_reduce_mean(ratios)
+    scales: list[dict[str, float]] = [{} for _ in outputs]
+    for (i, k), r in zip(names, ratios.tolist()):
+        scales[i][k] = min(1.0, r)
+    return scales
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,7 +234,7 @@ def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Modul
     weights = [m.weight for m in dc.methods]
     teacher.to(device)
     student.to(device)
-    step = DistillStep(student, distillers.to(device), weights, teacher)
+    step = DistillStep(student, distillers.to(device), weights, teacher, balance=dc.balance)
     return student, teacher, step
 
 
@@ -305,6 +336,7 @@ def _checkpoint_state(step: DistillStep, opt, sched, scaler, state: LoopState, c
     return {
         "model": step.student.state_dict(),
         "distillers": step.distillers.state_dict(),
+        "balance_scales": [dict(x) for x in step.balance_scales],
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict(),
@@ -437,6 +469,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
         found = None  # the loaded dict (optimizer state included) is not kept for the whole run
         step.student.load_state_dict(ckpt["model"])
         step.distillers.load_state_dict(ckpt.get("distillers", {}))
+        step.balance_scales = [{k: float(v) for k, v in x.items()} for x in ckpt.get("balance_scales", [])]
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
