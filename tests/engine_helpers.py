@@ -73,3 +73,33 @@ def real_pair_taps(arch: str, teacher_fpn: int, build_method):
     det_losses, s_taps = tap_student(student, image_list, tt)
     t_taps = tap_teacher(teacher, image_list, tt, method.request(), s_taps)
     return student, teacher, method, det_losses, t_taps, s_taps, tt
+
+
+def random_global_pair(root: Path, teacher_fpn: int, student_fpn: int, k: int, train_images: int = 8,
+                       size: int | None = None):
+    """A random RetinaNet teacher (detkd checkpoint ``teacher.pt``) and student (plain state dict
+    ``student.pt``) under ``root``, and a ``global`` distill config naming them (``global.yaml``).
+    Returns ``(cfg, cfg_path, student_cfg)``; ``size`` resizes the images (default: the data's 64 px)."""
+    import torch
+    import yaml
+
+    from detkd.config import to_dict
+    from detkd.engine.checkpoint import save_checkpoint
+    from detkd.models import build_detector
+
+    torch.manual_seed(1)
+    teacher_cfg = tiny_model("retinanet", fpn=teacher_fpn)
+    student_cfg = tiny_model("retinanet", fpn=student_fpn)
+    if size is not None:
+        teacher_cfg.min_size = teacher_cfg.max_size = student_cfg.min_size = student_cfg.max_size = size
+    save_checkpoint(root / "teacher.pt", {"model": build_detector(teacher_cfg).state_dict()})
+    torch.manual_seed(2)
+    torch.save(build_detector(student_cfg).state_dict(), root / "student.pt")
+
+    cfg = tiny_config(root / "data", root / "run", arch="retinanet", train_images=train_images)
+    cfg.model = student_cfg
+    cfg = with_distill(cfg, str(root / "teacher.pt"), [MethodConfig("global", options={"k": k})])
+    cfg.distill.teacher = teacher_cfg
+    cfg_path = root / "global.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return cfg, cfg_path, student_cfg

@@ -32,10 +32,10 @@ from detkd.analysis import (
     relations,
 )
 from detkd.cli import main
-from detkd.config import ConfigError, MethodConfig, to_dict
-from detkd.engine.checkpoint import CheckpointError, save_checkpoint
+from detkd.config import ConfigError, to_dict
+from detkd.engine.checkpoint import CheckpointError
 from detkd.models import build_detector
-from tests.engine_helpers import tiny_config, tiny_model, with_distill
+from tests.engine_helpers import random_global_pair, tiny_config, tiny_model
 
 # ----------------------------------------------------------------------------------------------------------
 # Relations and discrepancy (Fig. 1)
@@ -208,21 +208,9 @@ def test_parse_model_specs_errors(tmp_path):
 def pair(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("analysis")
-    torch.manual_seed(1)
-    teacher_cfg = tiny_model("retinanet", fpn=24)
-    save_checkpoint(root / "teacher.pt", {"model": build_detector(teacher_cfg).state_dict()})
-    torch.manual_seed(2)
-    student_cfg = tiny_model("retinanet", fpn=16)
-    torch.save(build_detector(student_cfg).state_dict(), root / "student.pt")
+    cfg, cfg_path, student_cfg = random_global_pair(root, teacher_fpn=24, student_fpn=16, k=5, train_images=40)
     torch.manual_seed(3)
     torch.save(build_detector(student_cfg).state_dict(), root / "distilled.pt")
-
-    cfg = tiny_config(root / "data", root / "run", arch="retinanet", train_images=40)
-    cfg.model = student_cfg
-    cfg = with_distill(cfg, str(root / "teacher.pt"), [MethodConfig("global", options={"k": 5})])
-    cfg.distill.teacher = teacher_cfg
-    cfg_path = root / "global.yaml"
-    cfg_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return {"root": root, "cfg": cfg, "cfg_path": cfg_path}
 
 

@@ -12,14 +12,13 @@ import yaml
 from PIL import Image
 
 from detkd.cli import main
-from detkd.config import MethodConfig, to_dict
+from detkd.config import to_dict
 from detkd.data import build_dataset
 from detkd.distill.base import DistillContext, build_distiller
-from detkd.engine.checkpoint import save_checkpoint
 from detkd.engine.trainer import _feature_loader
 from detkd.models import build_detector, feature_channels
 from detkd.prototype_export import BACKGROUND, CELL, GAP, HEADER_H, LABEL_W, gallery_size, instance_table
-from tests.engine_helpers import tiny_config, tiny_model, with_distill
+from tests.engine_helpers import random_global_pair, tiny_config, tiny_model
 
 RESIZED = 80  # the 64 px digits scenes are resized to 80 px: original and transformed frames differ
 
@@ -28,21 +27,7 @@ RESIZED = 80  # the 64 px digits scenes are resized to 80 px: original and trans
 def setup(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("proto_export")
-    torch.manual_seed(1)
-    teacher_cfg = tiny_model("retinanet", fpn=48)
-    teacher_cfg.min_size = teacher_cfg.max_size = RESIZED
-    save_checkpoint(root / "teacher.pt", {"model": build_detector(teacher_cfg).state_dict()})
-    torch.manual_seed(2)
-    student_cfg = tiny_model("retinanet")
-    student_cfg.min_size = student_cfg.max_size = RESIZED
-    torch.save(build_detector(student_cfg).state_dict(), root / "student.pt")  # a plain state dict
-
-    cfg = tiny_config(root / "data", root / "run", arch="retinanet")
-    cfg.model = student_cfg
-    cfg = with_distill(cfg, str(root / "teacher.pt"), [MethodConfig("global", options={"k": 3})])
-    cfg.distill.teacher = teacher_cfg
-    cfg_path = root / "global.yaml"
-    cfg_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cfg, cfg_path, _ = random_global_pair(root, teacher_fpn=48, student_fpn=32, k=3, size=RESIZED)
 
     out = root / "out"
     rc = main(["prototypes", str(cfg_path), "--checkpoint", str(root / "student.pt"), "--out", str(out)])
