@@ -483,7 +483,8 @@ def write_report(out: Path, runs: list[Run], cfg: BenchConfig) -> dict[str, Any]
     summary = {"table": table, "runs": results, "markdown": md}
     atomic_write_text(out / "results.json", json.dumps({"table": table, "runs": results}, indent=2))
     if table:
-        plot_bars(table, out / "map.png", cfg.pretrain_epochs)
+        title = f"{out.name}: mean and sample std over seeds {', '.join(map(str, cfg.seeds))}"
+        plot_bars(table, out / "map.png", cfg.pretrain_epochs, title=title)
         plot_curves(out, runs, out / "curves.png")
     return summary
 
