@@ -36,6 +36,7 @@ Decisions this module makes (the paper leaves them open):
 from __future__ import annotations
 
 import heapq
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -509,7 +510,8 @@ class PrototypeBank:
         if progress and is_main():
             from tqdm import tqdm
 
-            bar = tqdm(mine, desc=f"prototypes ({self.generator})", leave=False)
+            # bars on a terminal only: in a log file their carriage returns pile up into one long line
+            bar = tqdm(mine, desc=f"prototypes ({self.generator})", leave=False, disable=not sys.stderr.isatty())
         chosen: dict[tuple[int, int], list[int]] = {}
         for lv, c in bar:
             idx = torch.nonzero(labels == c).squeeze(1)
@@ -582,7 +584,7 @@ class PrototypeBank:
         if is_main():
             from tqdm import tqdm
 
-            bar = tqdm(desc="prototype features", unit="img", leave=False)
+            bar = tqdm(desc="prototype features", unit="img", leave=False, disable=not sys.stderr.isatty())
         try:
             if index is not None:
                 order: dict[int, int] = {}  # image id -> data set index, in sampler order
