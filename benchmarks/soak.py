@@ -22,10 +22,12 @@ script checks that no worker process is left. Linux only (/proc).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -158,6 +160,7 @@ def main() -> None:
     from detkd.models import build_detector
 
     tmp = Path(tempfile.mkdtemp(prefix="detkd_soak_"))
+    atexit.register(shutil.rmtree, tmp, True)  # data, teacher and checkpoints: about 0.5 GB
     out = Path(args.out) if args.out else tmp / "run"
     data_root = tmp / "digits"
     torch.manual_seed(1)
