@@ -199,10 +199,24 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
 
     for r in runs:
         try:
-            config_from_dict(copy.deepcopy(r.raw))
+            _validate(config_from_dict(copy.deepcopy(r.raw)))
         except ConfigError as e:
             raise ConfigError(f"bench run {r.name}: {e}") from None
     return runs
+
+
+def _validate(run_cfg) -> None:
+    """Method names and options too, not only the config's types: a bad option would otherwise surface only
+    when its run starts, maybe an hour into the bench."""
+    from detkd.distill.base import build_distiller
+    from detkd.models.torchvision_build import NUM_LEVELS
+
+    if run_cfg.distill is None:
+        return
+    t_ch = [run_cfg.distill.teacher.fpn_channels] * NUM_LEVELS  # every FPN level has the FPN's width
+    s_ch = [run_cfg.model.fpn_channels] * NUM_LEVELS
+    for i, m in enumerate(run_cfg.distill.methods):
+        build_distiller(m.name, m.options, t_ch, s_ch, run_cfg.model.arch, where=f"distill.methods[{i}]")
 
 
 def _with(raw: dict[str, Any], out: Path, seed: int | None = None, epochs: int | None = None) -> dict[str, Any]:

@@ -64,6 +64,9 @@ def test_plan_shares_one_start_and_validates_early(tmp_path):
     cfg, methods = load_bench(bad)
     with pytest.raises(ConfigError, match=r"seed0/kd.*weight must be >= 0"):
         plan_runs(cfg, methods)
+    bad = _bench_file(tmp_path, methods={"kd": [{"name": "kd", "temperature": -1}]})
+    with pytest.raises(ConfigError, match=r"seed0/kd: distill.methods\[0\].*temperature"):
+        plan_runs(*load_bench(bad))
     with pytest.raises(ConfigError, match="unknown row 'fgd'"):
         plan_runs(*load_bench(path), only=["fgd"])
     with pytest.raises(ConfigError, match="student_config: file not found"):
