@@ -161,8 +161,8 @@ def balance_scales(det_losses: dict[str, Tensor], outputs: list[dict[str, Tensor
     """``distill.balance``: one factor per distillation term, min(1, balance * detection loss / weighted
     term), measured on the first batch (averaged over DDP ranks) and then fixed for the run.
 
-    The papers' loss weights were tuned for ImageNet-pretrained FPN features; a pair trained from scratch
-    can have features 10-100x larger, and its feature-imitation terms then swamp the detection loss. The
+    The papers' loss weights were set on ImageNet-pretrained pairs; on a pair trained from scratch the
+    feature-imitation terms can start 20-10,000x above the detection loss and swamp it. The
     factor never raises a weight, and terms that do not grow with the feature scale (KL divergences,
     relations, projections on prototypes) usually keep their published weight.
     """
