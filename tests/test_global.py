@@ -152,6 +152,27 @@ def test_local_feature_loss_hand_value():
     assert conv.weight.grad is not None and s_map.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("feat_norm", ["level", "all"])
+def test_local_feature_loss_normalisation_over_levels(feat_norm):
+    """Two levels, identity adapters, student = teacher + 1 everywhere (d^2 = C = 2 per cell). Box (4, 4,
+    20, 20) covers 9 cells of the stride-8 4x4 map and 1 cell of the stride-32 1x1 map. "level": each level
+    divides by its own cells, 18 / 18 + 2 / 2 = 2; "all": (18 + 2) / (2 * 10) = 1."""
+    d = build_distiller("global", {"use_global": False, "use_resp": False, "feat_norm": feat_norm},
+                        [2, 2], [2, 2], "retinanet")
+    for seq in d.adapters:
+        with torch.no_grad():
+            seq[0].weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+            seq[0].bias.zero_()
+    teacher = constant_taps("retinanet", [[2.0, 2.0]], [BOX], [[1]])
+    student = constant_taps("retinanet", [[2.0, 2.0]], [BOX], [[1]])
+    t_maps = [torch.full((1, 2, 4, 4), 2.0), torch.full((1, 2, 1, 1), 2.0)]
+    s_maps = [(m + 1.0).requires_grad_(True) for m in t_maps]
+    for taps, maps in ((teacher, t_maps), (student, s_maps)):
+        taps.features, taps.level_names, taps.strides = maps, ["0", "1"], [8, 32]
+    out = d(teacher, student, student.targets)
+    assert math.isclose(out["loss_local_feat"].item(), 2.0 if feat_norm == "level" else 1.0, rel_tol=1e-6)
+
+
 def test_local_feature_loss_is_weighted_by_sigma():
     d = make("global", lam=1.0, use_global=False, use_resp=False)
     d.set_extra_state(bank_state({(0, 1): (PT, PS)}))

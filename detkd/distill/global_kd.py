@@ -29,7 +29,10 @@ Decisions (the paper leaves them open; each documented where it is made):
 - L_local_feat (Eq. 7): FGFI-style near-object region = the feature cells each instance box covers on
   every level (start floored, end ceiled: at least one cell); cell weight = the largest sigma of the boxes
   covering it; per level sum_cells w ||H(f^s) - f^t||^2 / (2 * number of covered cells) (FGFI's 1/(2 N_p)
-  normalisation), H = 1x1 conv + ReLU (paper; note FPN outputs are signed). ``feat_loss="defeat"``
+  normalisation), H = 1x1 conv + ReLU (paper; note FPN outputs are signed). ``feat_norm="all"`` divides
+  the sum over all levels by the covered cells of all levels instead (FGFI's N_p over the pyramid: each
+  cell counts once, so fine levels are not outweighed by the one or two cells of a coarse level; a
+  detkd option measured in the fixed-budget bench). ``feat_loss="defeat"``
   (authors' code): on each level only the boxes assigned to it, foreground sum w d^2 / (2 sum w) with
   weight ``defeat_fg`` (1), background (cells no box covers) sum d^2 / (2 count) with ``defeat_bg`` (4),
   usually with ``adapter="conv3x3"`` (no ReLU).
@@ -115,6 +118,10 @@ class GlobalOptions(PrototypeOptions):
     use_resp: bool = True
     global_loss: Literal["paper", "cosine_all"] = "paper"
     feat_loss: Literal["paper", "defeat"] = "paper"
+    # feat_loss paper: "level" divides each level's sum by that level's covered cells (paper, Eq. 7 per
+    # level); "all" divides the sum over levels by the covered cells of all levels (FGFI's N_p), so the
+    # fine levels, which hold most cells, carry most of the term
+    feat_norm: Literal["level", "all"] = "level"
     adapter: Literal["conv1x1_relu", "conv3x3"] = "conv1x1_relu"
     defeat_fg: float = 1.0  # feat_loss defeat: foreground / background weights (authors' code)
     defeat_bg: float = 4.0
@@ -515,9 +522,14 @@ class GlobalKD(PrototypeDistiller):
 
         if self.use_feat:
             total = anchor
+            cells = torch.zeros((), device=device)  # feat_norm "all": covered cells of every level
             for lv, (adapter, fs_map, ft_map) in enumerate(zip(self.adapters, student.features, teacher.features)):
                 d2 = ((adapter(fs_map).float() - ft_map.detach().float()) ** 2).sum(dim=1)  # (N_img, H, W)
-                if opts.feat_loss == "paper":
+                if opts.feat_loss == "paper" and opts.feat_norm == "all":
+                    w, cover = level_masks(student, inst, sig[lv], lv)
+                    total = total + (w * d2).sum()
+                    cells = cells + cover.sum()
+                elif opts.feat_loss == "paper":
                     w, cover = level_masks(student, inst, sig[lv], lv)
                     total = total + (w * d2).sum() / (2.0 * cover.sum().clamp(min=1))
                 else:
@@ -525,6 +537,8 @@ class GlobalKD(PrototypeDistiller):
                     bg = (~cover).float()
                     total = total + opts.defeat_fg * (w * d2).sum() / (2.0 * w.sum()).clamp(min=1e-6)
                     total = total + opts.defeat_bg * (bg * d2).sum() / (2.0 * bg.sum()).clamp(min=1.0)
+            if opts.feat_loss == "paper" and opts.feat_norm == "all":
+                total = total / (2.0 * cells.clamp(min=1))
             out["loss_local_feat"] = opts.a_feat * total
 
         if self.use_resp:
