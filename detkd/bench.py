@@ -45,6 +45,7 @@ from detkd.config import (
     load_raw,
     load_yaml,
 )
+from detkd.engine.trainer import FINAL_METRICS
 from detkd.utils import atomic_write_text, info
 
 METRICS = ["mAP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -289,12 +290,10 @@ def execute(run: Run, out: Path, quiet: bool = True) -> dict[str, Any]:
 
 
 def _final_metrics(run: Run, folder: Path, log_path: Path) -> dict[str, Any]:
-    if run.command == "eval":
-        return json.loads((folder / "eval.json").read_text())
-    for line in reversed(log_path.read_text().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise BenchError(f"run {run.name}: no metrics line in {log_path}")
+    path = folder / ("eval.json" if run.command == "eval" else FINAL_METRICS)
+    if not path.is_file():
+        raise BenchError(f"run {run.name}: it wrote no {path.name}; see {log_path}")
+    return json.loads(path.read_text())
 
 
 def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,

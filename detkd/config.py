@@ -120,6 +120,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 0  # seeds Python, NumPy, torch and the data order
     deterministic: bool = False  # torch deterministic algorithms (slower)
+    threads: int = 0  # CPU threads of torch; 0 = PyTorch's default (one per core). Results depend on it: fix it
+    # (with deterministic) for runs that repeat on any machine
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dist_timeout_s: int = 600  # DDP: a collective waiting longer for another rank fails the run
 

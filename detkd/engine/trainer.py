@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,7 @@ class DistributedError(RunStopped):
     """A collective operation failed: another rank died, or did not answer within ``train.dist_timeout_s``."""
 
 
+FINAL_METRICS = "final.json"  # in the run folder: the final evaluation, written when the run ends
 _COLLECTIVE_HINTS = ("gloo", "nccl", "timed out", "timeout", "connection", "pair closure", "processgroup",
                      "socket", "broken pipe")
 
@@ -442,6 +444,8 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     found = _check_output_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed + dist.rank())
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)  # float sums are split by thread: fixed threads, same result
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if dist.is_main():
@@ -586,6 +590,8 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
         logger.close()
     if device.type == "cuda" and metrics:
         metrics = {**metrics, "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}  # for detkd bench
+    if dist.is_main():  # the run's result, read by `detkd bench`
+        atomic_write_text(out / FINAL_METRICS, json.dumps(metrics, indent=2))
     return metrics
 
 
