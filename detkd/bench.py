@@ -45,6 +45,7 @@ from detkd.config import (
     load_raw,
     load_yaml,
 )
+from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import FINAL_METRICS
 from detkd.utils import atomic_write_text, info
 
@@ -280,6 +281,7 @@ def execute(run: Run, out: Path, quiet: bool = True) -> dict[str, Any]:
     result = {
         "name": run.name, "row": run.row, "seed": run.seed, "command": run.command,
         "epochs": run.raw.get("train", {}).get("epochs"), "metrics": metrics,
+        "student_init": _student_init(folder),
         "wall_s": wall, "resumed": resumed,  # a resumed run's wall time is that of its last attempt only
         "peak_rss_mb": usage.ru_maxrss / 1024.0,  # kilobytes on Linux
         "gpu_peak_mb": metrics.pop("gpu_peak_mb", None),
@@ -287,6 +289,23 @@ def execute(run: Run, out: Path, quiet: bool = True) -> dict[str, Any]:
     }
     atomic_write_text(result_path(run, out), json.dumps(result, indent=2))
     return result
+
+
+def _student_init(folder: Path) -> str | None:
+    """The fingerprint of the student's starting weights that the run logged (None for an evaluation)."""
+    log = folder / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    return next((r["student_init"] for r in read_jsonl(log) if r.get("kind") == "start"), None)
+
+
+def _start_mismatches(results: list[dict[str, Any]]) -> list[str]:
+    """Seeds whose baseline and distilled rows did not start from the same student weights."""
+    by_seed: dict[int, set[str]] = {}
+    for r in results:
+        if r["row"] not in ("teacher", "pretrain", "fair_budget") and r.get("student_init"):
+            by_seed.setdefault(r["seed"], set()).add(r["student_init"])
+    return [f"seed {s}" for s, inits in sorted(by_seed.items()) if len(inits) > 1]
 
 
 def _final_metrics(run: Run, folder: Path, log_path: Path) -> dict[str, Any]:
@@ -407,9 +426,26 @@ def _row_order(runs: list[Run]) -> list[str]:
     return fixed + [x for x in order if x not in fixed]
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1); beyond 30 the normal 1.96.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def ci95(values: list[float]) -> tuple[float, float] | None:
+    """95% confidence interval of the mean of ``values`` (Student's t, sample std); None for fewer than 2."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * std / np.sqrt(n)
+    return mean - half, mean + half
+
+
 def summarise(results: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any]]:
-    """Mean and spread (sample standard deviation over seeds) of every metric per row, and the mAP gain
-    over the baseline paired by seed."""
+    """Mean and spread (sample standard deviation over seeds) of every metric per row, the 95% interval of
+    the mean mAP, and the mAP gain over the baseline paired by seed with its 95% interval (``gain_lo``,
+    ``gain_hi``); ``significant`` when that interval excludes zero."""
     by_row: dict[str, list[dict[str, Any]]] = {}
     for res in results:
         by_row.setdefault(res["row"], []).append(res)
@@ -428,9 +464,15 @@ def summarise(results: list[dict[str, Any]], rows: list[str]) -> list[dict[str, 
             else:
                 entry[m] = float(vals.mean())
                 entry[m + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-        gains = [x["metrics"]["mAP"] - base[x["seed"]] for x in rs if x["seed"] in base and row != "teacher"]
-        entry["gain"] = float(np.mean(gains)) if gains and row != "baseline" else None
-        entry["gain_std"] = float(np.std(gains, ddof=1)) if len(gains) > 1 and row != "baseline" else None
+        ci = ci95([x["metrics"]["mAP"] for x in rs]) if entry["mAP"] is not None else None
+        entry["mAP_lo"], entry["mAP_hi"] = ci if ci else (None, None)
+        paired = row not in ("teacher", "baseline")
+        gains = [x["metrics"]["mAP"] - base[x["seed"]] for x in rs if x["seed"] in base] if paired else []
+        entry["gain"] = float(np.mean(gains)) if gains else None
+        entry["gain_std"] = float(np.std(gains, ddof=1)) if len(gains) > 1 else None
+        gci = ci95(gains)
+        entry["gain_lo"], entry["gain_hi"] = gci if gci else (None, None)
+        entry["significant"] = bool(gci and (gci[0] > 0 or gci[1] < 0))
         entry["wall_min"] = float(np.mean([x["wall_s"] for x in rs])) / 60
         entry["peak_rss_mb"] = float(max(x["peak_rss_mb"] for x in rs))
         gpu = [x["gpu_peak_mb"] for x in rs if x.get("gpu_peak_mb")]
@@ -458,12 +500,21 @@ def _pm(mean: float | None, std: float | None, signed: bool = False) -> str:
     return s if not std else f"{s} ± {std:.3f}"
 
 
+def _gain_cell(e: dict[str, Any]) -> str:
+    """Paired mean gain, its 95% interval, and * when the interval excludes zero."""
+    if e["gain"] is None:
+        return "–"
+    if e["gain_lo"] is None:
+        return f"{e['gain']:+.3f}"
+    return f"{e['gain']:+.3f} [{e['gain_lo']:+.3f}, {e['gain_hi']:+.3f}]" + (" *" if e["significant"] else "")
+
+
 def format_markdown(table: list[dict[str, Any]], pre: int) -> str:
-    head = ["method", *METRICS, "ΔmAP", "min/run", "peak MB", "seeds"]
+    head = ["method", *METRICS, "ΔmAP [95% CI]", "min/run", "peak MB", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for e in table:
         cells = [_label(e["row"], e, pre)] + [_pm(e[m], e[m + "_std"]) for m in METRICS]
-        cells += [_pm(e["gain"], e["gain_std"], signed=True), f"{e['wall_min']:.1f}",
+        cells += [_gain_cell(e), f"{e['wall_min']:.1f}",
                   f"{e['peak_rss_mb']:.0f}" + (f" / GPU {e['gpu_peak_mb']:.0f}" if e["gpu_peak_mb"] else ""),
                   str(e["n"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -473,7 +524,8 @@ def format_markdown(table: list[dict[str, Any]], pre: int) -> str:
 def format_csv(table: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     cols = ["row", "n", "epochs"] + [c for m in METRICS for c in (m, m + "_std")]
-    cols += ["gain", "gain_std", "wall_min", "peak_rss_mb", "gpu_peak_mb"]
+    cols += ["mAP_lo", "mAP_hi", "gain", "gain_std", "gain_lo", "gain_hi", "significant", "wall_min", "peak_rss_mb",
+             "gpu_peak_mb"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for e in table:
@@ -489,21 +541,31 @@ def write_report(out: Path, runs: list[Run], cfg: BenchConfig) -> dict[str, Any]
     note = (f"Every distilled row and the baseline start from the student pre-trained for {cfg.pretrain_epochs} "
             "epochs (the papers start from ImageNet-pretrained students); the fair-budget row trains the "
             "student alone for as many epochs as pre-training + distillation, in one schedule."
-            if cfg.pretrain_epochs else "Every row trains from the same random initialisation (same seed).")
-    md = f"{md}\n\nmean ± sample std over seeds; ΔmAP: gain over the baseline, paired by seed. {note}\n"
+            if cfg.pretrain_epochs else
+            "Fixed budget: per seed, every row trains the same randomly initialised student for the same "
+            "epochs on the same data order; the distilled rows are distilled from the first step, so the "
+            "baseline is the student alone at the same budget.")
+    bad = _start_mismatches(results)
+    if bad:
+        note += (f" WARNING: the rows of {', '.join(bad)} did not start from the same student weights (their "
+                 "result.json files hold different student_init fingerprints); their gains are not paired.")
+        info(f"bench: {note.split('WARNING: ')[1]}")
+    md = (f"{md}\n\nmean ± sample std over seeds; ΔmAP: mean gain over the baseline, paired by seed, with its "
+          f"95% interval (Student's t over seeds); * marks a gain whose interval excludes zero. {note}\n")
     atomic_write_text(out / "table.md", md)
     atomic_write_text(out / "table.csv", format_csv(table))
     summary = {"table": table, "runs": results, "markdown": md}
     atomic_write_text(out / "results.json", json.dumps({"table": table, "runs": results}, indent=2))
     if table:
-        title = f"{out.name}: mean and sample std over seeds {', '.join(map(str, cfg.seeds))}"
+        title = f"{out.name}: mean mAP and 95% interval over seeds {', '.join(map(str, cfg.seeds))}"
         plot_bars(table, out / "map.png", cfg.pretrain_epochs, title=title)
         plot_curves(out, runs, out / "curves.png")
     return summary
 
 
 def plot_bars(table: list[dict[str, Any]], path: Path, pre: int = 0, title: str = "") -> None:
-    """mAP per row with error bars (sample std over seeds); the teacher as a dashed line."""
+    """mean mAP per row with its 95% interval over seeds as error bars (none for one seed), * over the rows
+    whose paired gain over the baseline is significant; the teacher as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -515,8 +577,12 @@ def plot_bars(table: list[dict[str, Any]], path: Path, pre: int = 0, title: str 
         return
     fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6), dpi=120)
     colours = ["#888888" if e["row"] in ("pretrain", "baseline", "fair_budget") else "#3b75af" for e in rows]
-    ax.bar(range(len(rows)), [e["mAP"] for e in rows], yerr=[e["mAP_std"] or 0 for e in rows],
-           color=colours, capsize=3)
+    low = [e["mAP"] - e["mAP_lo"] if e.get("mAP_lo") is not None else 0.0 for e in rows]
+    high = [e["mAP_hi"] - e["mAP"] if e.get("mAP_hi") is not None else 0.0 for e in rows]
+    ax.bar(range(len(rows)), [e["mAP"] for e in rows], yerr=[low, high], color=colours, capsize=3)
+    for i, e in enumerate(rows):
+        if e.get("significant"):
+            ax.annotate("*", (i, e["mAP"] + high[i]), ha="center", va="bottom", fontsize=11)
     base = next((e for e in rows if e["row"] == "baseline"), None)
     if base is not None:
         ax.axhline(base["mAP"], color="#888888", lw=0.8, ls=":")
@@ -526,7 +592,7 @@ def plot_bars(table: list[dict[str, Any]], path: Path, pre: int = 0, title: str 
     ax.set_xticks(range(len(rows)), [_label(e["row"], e, pre).replace("student, ", "") for e in rows],
                   rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("mAP (COCO 0.5:0.95)")
-    lo = min(e["mAP"] - (e["mAP_std"] or 0) for e in rows)
+    lo = min(e["mAP"] - d for e, d in zip(rows, low))
     ax.set_ylim(max(0.0, lo - 0.05), None)
     if title:
         ax.set_title(title, fontsize=9)
@@ -541,8 +607,6 @@ def plot_curves(out: Path, runs: list[Run], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from detkd.engine.logger import read_jsonl
 
     rows = _row_order(runs)
     cmap = plt.get_cmap("tab20")

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from detkd.bench import load_bench, plan_runs, summarise
+from detkd.bench import format_markdown, load_bench, plan_runs, summarise
 from detkd.cli import main
 from detkd.config import ConfigError, to_dict
 from tests.engine_helpers import tiny_config, tiny_model
@@ -92,6 +92,18 @@ def test_summary_statistics_by_hand():
     assert kd["wall_min"] == pytest.approx(1.5) and kd["peak_rss_mb"] == 101.0
     assert table["baseline"]["gain"] is None and table["teacher"]["gain"] is None
     assert table["teacher"]["mAP_std"] == 0.0
+    # 95% interval of the paired gain: t(0.975, df 1) = 12.706, half width 12.706 * 0.0141421 / sqrt(2) = 0.12706
+    assert (kd["gain_lo"], kd["gain_hi"]) == (pytest.approx(0.04 - 0.12706, abs=1e-5),
+                                              pytest.approx(0.04 + 0.12706, abs=1e-5))
+    assert kd["significant"] is False and table["teacher"]["gain_lo"] is None
+
+    # three seeds, gains 0.05, 0.06, 0.07: std 0.01, half width t(df 2) 4.303 * 0.01 / sqrt(3) = 0.024843
+    results = [res("baseline", s, 0.3) for s in range(3)] + [res("fgfi", s, 0.35 + 0.01 * s) for s in range(3)]
+    fgfi = {e["row"]: e for e in summarise(results, ["baseline", "fgfi"])}["fgfi"]
+    assert fgfi["gain_lo"] == pytest.approx(0.06 - 0.024843, abs=1e-5)
+    assert fgfi["mAP_hi"] == pytest.approx(0.36 + 0.024843, abs=1e-5)
+    assert fgfi["significant"] is True
+    assert format_markdown([fgfi], 0).splitlines()[2].split(" | ")[7] == "+0.060 [+0.035, +0.085] *"
 
 
 def test_bench_runs_writes_table_and_plots_and_resumes(tmp_path, capsys):
@@ -151,3 +163,30 @@ def test_second_bench_on_the_same_folder_is_refused(tmp_path):
         _lock(tmp_path)
     held.close()
     _lock(tmp_path).close()  # free again once the first one is gone
+
+
+def test_fixed_budget_rows_share_the_start_and_the_table_marks_intervals(tmp_path, capsys):
+    """The default protocol: no pre-training; baseline and distilled rows train the same random student for
+    the same epochs, which the runs' logged start fingerprints prove."""
+    path = _bench_file(tmp_path, pretrain_epochs=0, seeds=[0, 1])
+    out = tmp_path / "bench"
+    cfg, methods = load_bench(path)
+    runs = {r.name: r for r in plan_runs(cfg, methods)}
+    assert [n for n in runs if n.startswith("seed0")] == ["seed0/baseline", "seed0/fitnet", "seed0/kd"]
+    assert runs["seed0/fitnet"].raw["distill"]["student_init"] == "none"
+    assert all(r.raw["train"]["epochs"] == 1 for r in runs.values())
+    assert main(["bench", path]) == 0
+    capsys.readouterr()
+    res = {p.parent.name + "/" + p.parent.parent.name: json.loads(p.read_text())
+           for p in out.glob("seed*/*/result.json")}
+    for seed in ("seed0", "seed1"):
+        inits = {res[f"{row}/{seed}"]["student_init"] for row in ("baseline", "fitnet", "kd")}
+        assert len(inits) == 1 and None not in inits  # one start per seed ...
+    assert res["baseline/seed0"]["student_init"] != res["baseline/seed1"]["student_init"]  # ... seeds differ
+    table = (out / "table.md").read_text()
+    assert "Fixed budget" in table and "ΔmAP [95% CI]" in table
+    kd_line = next(line for line in table.splitlines() if line.startswith("| kd "))
+    assert "[" in kd_line  # two seeds: an interval
+    data = json.loads((out / "results.json").read_text())
+    kd = next(e for e in data["table"] if e["row"] == "kd")
+    assert kd["gain_lo"] <= kd["gain"] <= kd["gain_hi"]

@@ -9,11 +9,26 @@ def test_quick_demo_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for row in ("teacher", "student, pre-trained", "student baseline", "+ fgfi", "+ global", "fair budget"):
+    for row in ("teacher", "student baseline (1 ep)", "| fgfi", "| global", "[demo] at the same budget",
+                "+ fgfi:", "+ global:"):
         assert row in printed
+    assert "pre-trained" not in printed and "fair budget" not in printed  # fixed budget, no warm start
     data = json.loads((out / "runs" / "results.json").read_text())
-    assert len(data["runs"]) == 6
+    assert len(data["runs"]) == 4
+    inits = {r["student_init"] for r in data["runs"] if r["row"] != "teacher"}
+    assert len(inits) == 1  # the three students start from the same weights
     assert all(0.0 <= r["metrics"]["mAP"] <= 1.0 for r in data["runs"])
     assert (out / "runs" / "map.png").is_file()
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert "6 runs (6 finished earlier)" in capsys.readouterr().err
+    assert "4 runs (4 finished earlier)" in capsys.readouterr().err
+
+
+def test_story_names_each_gain():
+    from detkd.demo import story
+
+    table = [{"row": "teacher", "mAP": 0.5, "epochs": 4}, {"row": "baseline", "mAP": 0.25, "epochs": 3},
+             {"row": "fgfi", "mAP": 0.335, "epochs": 3}, {"row": "global", "mAP": 0.24, "epochs": 3}]
+    text = story(table)
+    assert "student alone reaches mAP 0.250 (teacher 0.500)" in text
+    assert "+ fgfi: 0.335, +8.5 points: better" in text
+    assert "+ global: 0.240, -1.0 points: not better" in text

@@ -504,6 +504,8 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     if resume_from is not None:
         logger.log({"kind": "resume", "epoch": state.epoch, "iteration": state.iteration,
                     "checkpoint": str(resume_from)}, state.iteration)
+    else:  # the student's starting weights, so runs meant to share a start can be checked (detkd bench)
+        logger.log({"kind": "start", "student_init": _fingerprint(step.student.state_dict())}, 0)
     context_loader = _feature_loader(cfg) if step.distillers else None
     n_params = sum(p.numel() for p in step.student.parameters())
     info(f"{'distil' if step.distillers else 'train'} {cfg.model.arch}/{cfg.model.backbone}: {n_params / 1e6:.2f} M "
