@@ -150,9 +150,10 @@ class DistillStep(nn.Module):
                 f"{k} {b:.3g}" for scales in self.balance_scales for k, b in scales.items()))
         factors = self.balance_scales or [{} for _ in outputs]
         kd_losses: dict[str, Tensor] = {}
-        for out, w, b in zip(outputs, self.weights, factors):
+        for d, out, w, b in zip(self.distillers, outputs, self.weights, factors):
             for k, v in out.items():
-                kd_losses[k] = v * (w * b.get(k, 1.0) * self.scale)
+                decay = 1.0 if k in d.undecayed else self.scale  # a distiller may exempt a term from the decay
+                kd_losses[k] = v * (w * b.get(k, 1.0) * decay)
         return det_losses, kd_losses
 
 
