@@ -102,7 +102,7 @@ class PrototypeOptions:
     allow_repeats: bool = True  # PGM may pick an instance twice (authors' code)
     prefilter: bool = False  # PGM candidates: the authors' density pre-filter
     max_candidates: int | None = None  # PGM: random subset of candidates
-    extraction: Literal["roi_align", "crop_mean"] = "roi_align"  # authors: crop_mean
+    extraction: Literal["roi_align", "crop_mean", "crop_mean_inclusive"] = "roi_align"  # authors: crop_mean_inclusive
     roi_size: int = 7  # RoIAlign output size (extraction roi_align)
     min_box: float = 0.0  # bank: drop boxes narrower / lower than this (px); authors: 30
     # bank: at most this many images per class (authors: 800 on COCO; 0 = all); only the images holding a kept
