@@ -25,17 +25,19 @@ Decisions (the paper leaves them open; each documented where it is made):
   instances of the batch). ``global_loss="cosine_all"`` (authors' unused global loss): cosine similarity
   of an instance to the prototypes of ALL classes, smooth-L1 between the student and teacher rows (mean
   over the row), rows weighted by sigma, averaged over instances (the authors weighted it by 5: set
-  ``a_global: 5``).
+  ``a_global: 5``; they put sigma inside the smooth-L1, on both arguments: ``sigma_inside_smooth_l1``).
 - L_local_feat (Eq. 7): FGFI-style near-object region = the feature cells each instance box covers on
   every level (start floored, end ceiled: at least one cell); cell weight = the largest sigma of the boxes
   covering it; per level sum_cells w ||H(f^s) - f^t||^2 / (2 * number of covered cells) (FGFI's 1/(2 N_p)
   normalisation), H = 1x1 conv + ReLU (paper; note FPN outputs are signed). ``feat_norm="all"`` divides
   the sum over all levels by the covered cells of all levels instead (FGFI's N_p over the pyramid: each
   cell counts once, so fine levels are not outweighed by the one or two cells of a coarse level; a
-  detkd option measured in the fixed-budget bench). ``feat_loss="defeat"``
-  (authors' code): on each level only the boxes assigned to it, foreground sum w d^2 / (2 sum w) with
-  weight ``defeat_fg`` (1), background (cells no box covers) sum d^2 / (2 count) with ``defeat_bg`` (4),
-  usually with ``adapter="conv3x3"`` (no ReLU).
+  detkd option measured in the fixed-budget bench). ``feat_loss="defeat"`` (authors' code,
+  :func:`authors_decoupled_terms`): on each level only the boxes assigned to it (``feat_box_level``), mask
+  M = sigma, foreground sum M d^2 / max(1, 2 C sum M) with weight ``defeat_fg`` (1), background the same
+  with B = 1 - M' (M' = 1 where M > 0, else M) and ``defeat_bg`` (4), both averaged over the levels;
+  usually with ``adapter="conv3x3"`` (no ReLU). The mask's cells (``cell_range``) and overlapping boxes
+  (``mask_rule``): :func:`ordered_box_mask`.
 - L_local_resp: KL(teacher || student), temperature ``temperature`` (the paper gives none; the authors
   use 2), times T^2. Faster R-CNN: softmax over the box head's num_classes + 1 logits on the student's
   sampled RoIs (the teacher's box head runs on the same RoIs); a positive RoI weighs the sigma of its
@@ -43,14 +45,19 @@ Decisions (the paper leaves them open; each documented where it is made):
   (``"positive"``, the authors' code); averaged over the RoIs used. RetinaNet / FCOS: per-class sigmoid
   KL over classes 1..C on the positive anchors / points (``matched_idxs >= 0``), each weighted by the
   sigma of its matched ground truth, averaged over positives. ``kl_class_mean`` averages over classes
-  instead of summing (authors).
+  instead of summing (authors). ``resp_sigma_from="roi_align"`` (authors): the weight of an instance is the
+  sigma of its box's RoIAlign on its RoI-head level (:meth:`PrototypeDistiller.pooled_sigma`) instead of
+  its sigma from ``extraction``. ``one_stage_kl="softmax"`` (authors' one-stage code, no released config,
+  so inferred): the softmax KL over the C class logits instead of the per-class sigmoid KL.
 - ``instances="positive_proposals"`` (Faster R-CNN, authors' code): the instances of a batch are the
   student's positive sampled RoIs with their assigned labels instead of the ground-truth boxes.
 
 Eq. 9: L = L_det + a_global L_global + a_feat L_local_feat + a_resp L_local_resp, (1, 1, 5). A term is
 switched off (Table 3 ablation) by ``use_global`` / ``use_feat`` / ``use_resp: false`` or a zero weight.
-The authors' linear decay of every distillation term, (1 - epoch / epochs), is the run-level engine option
-``distill.decay``.
+The authors' linear decay (1 - epoch / epochs) of the feature and pair terms is the run-level engine
+option ``distill.decay``; their RoI-score KL is not decayed: ``decay_resp: false`` lists
+``loss_local_resp`` in :attr:`undecayed`. The authors weight the KL by 1 (``a_resp: 1``).
+docs/methods.md tabulates every difference between the paper, the authors' code and these defaults.
 
 The engine must call :meth:`on_epoch_start` before every epoch (epoch 0 included): it (re)selects the
 prototypes when due. ``stats`` holds the last batch's statistics for logging: ``sigma_mean``,
