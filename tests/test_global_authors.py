@@ -253,6 +253,9 @@ def test_assembled_authors_variant_equals_the_sum_of_its_hand_terms():
     assert math.isclose(out["loss_global"].item(), pair, rel_tol=1e-5)
     assert math.isclose(out["loss_local_feat"].item(), feat, rel_tol=1e-5)
     assert math.isclose(out["loss_local_resp"].item(), resp, rel_tol=1e-5)
+    d.opts.feat_level_reduce = "sum"  # the authors' one-stage code sums the levels' terms instead
+    summed = d(teacher, student, student.targets)["loss_local_feat"].item()
+    assert math.isclose(summed, 1.0 * (fg0 + fg1) + 4.0 * (bg0 + bg1), rel_tol=1e-5)
     # the engine's decay (epoch 1 of 4: 0.75) scales the feature and pair terms, not the KL
     total = sum(weigh_terms([out], [d], [1.0], [{}], 0.75).values())
     assert math.isclose(float(total.detach()), 0.75 * (pair + feat) + resp, rel_tol=1e-5)

@@ -35,7 +35,8 @@ Decisions (the paper leaves them open; each documented where it is made):
   detkd option measured in the fixed-budget bench). ``feat_loss="defeat"`` (authors' code,
   :func:`authors_decoupled_terms`): on each level only the boxes assigned to it (``feat_box_level``), mask
   M = sigma, foreground sum M d^2 / max(1, 2 C sum M) with weight ``defeat_fg`` (1), background the same
-  with B = 1 - M' (M' = 1 where M > 0, else M) and ``defeat_bg`` (4), both averaged over the levels;
+  with B = 1 - M' (M' = 1 where M > 0, else M) and ``defeat_bg`` (4), both averaged over the levels
+  (``feat_level_reduce: sum`` sums them, as the authors' one-stage code does);
   usually with ``adapter="conv3x3"`` (no ReLU). The mask's cells (``cell_range``) and overlapping boxes
   (``mask_rule``): :func:`ordered_box_mask`.
 - L_local_resp: KL(teacher || student), temperature ``temperature`` (the paper gives none; the authors
@@ -151,6 +152,9 @@ class GlobalOptions(PrototypeOptions):
     # feat_loss defeat: a box's mask level, the canonical FPN level of the pooled levels ("canonical") or
     # floor(log2(sqrt((w + 1)(h + 1)) / 56)) counted from the finest map over every map ("finest_56")
     feat_box_level: Literal["canonical", "finest_56"] = "canonical"
+    # feat_loss defeat: the levels' fg and bg terms averaged (authors' two-stage code) or summed (their one-stage
+    # code returns the per-level list, which mmdetection sums; no released config: inferred)
+    feat_level_reduce: Literal["mean", "sum"] = "mean"
     sigma_inside_smooth_l1: bool = False  # global_loss cosine_all: smoothL1(sigma cs, sigma ct), not sigma smoothL1
     # sigma weighting loss_local_resp: the instance's on its canonical level (from ``extraction``), or from
     # the RoIAlign (roi_size) of its box on that level, as the detector's RoI head pools it ("roi_align")
@@ -702,8 +706,8 @@ class GlobalKD(PrototypeDistiller):
                 cells = cells + cover.sum()
             else:
                 total = total + (w * d2).sum() / (2.0 * cover.sum().clamp(min=1))
-        if opts.feat_loss == "defeat":  # the authors average both terms over the levels
-            levels = len(student.features)
+        if opts.feat_loss == "defeat":  # the authors' two-stage code averages both terms over the levels
+            levels = len(student.features) if opts.feat_level_reduce == "mean" else 1
             return total + (opts.defeat_fg * fg_sum + opts.defeat_bg * bg_sum) / levels
         if opts.feat_norm == "all":
             return total / (2.0 * cells.clamp(min=1))
