@@ -143,7 +143,7 @@ class DistillConfig:
     methods: list[MethodConfig] = field(default_factory=list)  # distillers of the run
     student_init: Literal["none", "checkpoint", "inherit"] = "none"  # start of the student
     student_checkpoint: str = ""  # student_init checkpoint: its weights
-    decay: bool = False  # scale every distillation term by (1 - epoch / epochs)
+    decay: bool = False  # scale every distillation term by (1 - epoch / epochs), except a method's undecayed terms
     balance: float = 0.0  # > 0: on the first step, scale down each distillation term larger than balance x the
     # detection loss to that size, then keep the factors (pairs trained from scratch; 0 = the papers' weights)
 

@@ -41,6 +41,9 @@ class Distiller(nn.Module):
 
     Options: ClassVar[type]
     archs: ClassVar[tuple[str, ...]] = ("faster_rcnn", "retinanet", "fcos")
+    # names of the terms the run-level ``distill.decay`` leaves alone (the engine multiplies every other term
+    # by 1 - epoch / epochs); a distiller sets it from its options, e.g. global's ``decay_resp: false``
+    undecayed: frozenset[str] = frozenset()
 
     def __init__(self, opts: Any, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__()

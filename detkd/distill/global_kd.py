@@ -25,17 +25,20 @@ Decisions (the paper leaves them open; each documented where it is made):
   instances of the batch). ``global_loss="cosine_all"`` (authors' unused global loss): cosine similarity
   of an instance to the prototypes of ALL classes, smooth-L1 between the student and teacher rows (mean
   over the row), rows weighted by sigma, averaged over instances (the authors weighted it by 5: set
-  ``a_global: 5``).
+  ``a_global: 5``; they put sigma inside the smooth-L1, on both arguments: ``sigma_inside_smooth_l1``).
 - L_local_feat (Eq. 7): FGFI-style near-object region = the feature cells each instance box covers on
   every level (start floored, end ceiled: at least one cell); cell weight = the largest sigma of the boxes
   covering it; per level sum_cells w ||H(f^s) - f^t||^2 / (2 * number of covered cells) (FGFI's 1/(2 N_p)
   normalisation), H = 1x1 conv + ReLU (paper; note FPN outputs are signed). ``feat_norm="all"`` divides
   the sum over all levels by the covered cells of all levels instead (FGFI's N_p over the pyramid: each
   cell counts once, so fine levels are not outweighed by the one or two cells of a coarse level; a
-  detkd option measured in the fixed-budget bench). ``feat_loss="defeat"``
-  (authors' code): on each level only the boxes assigned to it, foreground sum w d^2 / (2 sum w) with
-  weight ``defeat_fg`` (1), background (cells no box covers) sum d^2 / (2 count) with ``defeat_bg`` (4),
-  usually with ``adapter="conv3x3"`` (no ReLU).
+  detkd option measured in the fixed-budget bench). ``feat_loss="defeat"`` (authors' code,
+  :func:`authors_decoupled_terms`): on each level only the boxes assigned to it (``feat_box_level``), mask
+  M = sigma, foreground sum M d^2 / max(1, 2 C sum M) with weight ``defeat_fg`` (1), background the same
+  with B = 1 - M' (M' = 1 where M > 0, else M) and ``defeat_bg`` (4), both averaged over the levels
+  (``feat_level_reduce: sum`` sums them, as the authors' one-stage code does);
+  usually with ``adapter="conv3x3"`` (no ReLU). The mask's cells (``cell_range``) and overlapping boxes
+  (``mask_rule``): :func:`ordered_box_mask`.
 - L_local_resp: KL(teacher || student), temperature ``temperature`` (the paper gives none; the authors
   use 2), times T^2. Faster R-CNN: softmax over the box head's num_classes + 1 logits on the student's
   sampled RoIs (the teacher's box head runs on the same RoIs); a positive RoI weighs the sigma of its
@@ -43,14 +46,19 @@ Decisions (the paper leaves them open; each documented where it is made):
   (``"positive"``, the authors' code); averaged over the RoIs used. RetinaNet / FCOS: per-class sigmoid
   KL over classes 1..C on the positive anchors / points (``matched_idxs >= 0``), each weighted by the
   sigma of its matched ground truth, averaged over positives. ``kl_class_mean`` averages over classes
-  instead of summing (authors).
+  instead of summing (authors). ``resp_sigma_from="roi_align"`` (authors): the weight of an instance is the
+  sigma of its box's RoIAlign on its RoI-head level (:meth:`PrototypeDistiller.pooled_sigma`) instead of
+  its sigma from ``extraction``. ``one_stage_kl="softmax"`` (authors' one-stage code, no released config,
+  so inferred): the softmax KL over the C class logits instead of the per-class sigmoid KL.
 - ``instances="positive_proposals"`` (Faster R-CNN, authors' code): the instances of a batch are the
   student's positive sampled RoIs with their assigned labels instead of the ground-truth boxes.
 
 Eq. 9: L = L_det + a_global L_global + a_feat L_local_feat + a_resp L_local_resp, (1, 1, 5). A term is
 switched off (Table 3 ablation) by ``use_global`` / ``use_feat`` / ``use_resp: false`` or a zero weight.
-The authors' linear decay of every distillation term, (1 - epoch / epochs), is the run-level engine option
-``distill.decay``.
+The authors' linear decay (1 - epoch / epochs) of the feature and pair terms is the run-level engine
+option ``distill.decay``; their RoI-score KL is not decayed: ``decay_resp: false`` lists
+``loss_local_resp`` in :attr:`undecayed`. The authors weight the KL by 1 (``a_resp: 1``).
+docs/methods.md tabulates every difference between the paper, the authors' code and these defaults.
 
 The engine must call :meth:`on_epoch_start` before every epoch (epoch 0 included): it (re)selects the
 prototypes when due. ``stats`` holds the last batch's statistics for logging: ``sigma_mean``,
@@ -71,7 +79,14 @@ from torch import Tensor
 
 from detkd.config import ConfigError
 from detkd.distill.base import DistillContext, Distiller, register
-from detkd.distill.common import build_adapters, check_pyramids, check_temperature, graph_zero, weighted_box_mask
+from detkd.distill.common import (
+    box_cell_ranges,
+    build_adapters,
+    check_pyramids,
+    check_temperature,
+    graph_zero,
+    weighted_box_mask,
+)
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
 from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features_levels
@@ -95,7 +110,7 @@ class PrototypeOptions:
     allow_repeats: bool = True  # PGM may pick an instance twice (authors' code)
     prefilter: bool = False  # PGM candidates: the authors' density pre-filter
     max_candidates: int | None = None  # PGM: random subset of candidates
-    extraction: Literal["roi_align", "crop_mean"] = "roi_align"  # authors: crop_mean
+    extraction: Literal["roi_align", "crop_mean", "crop_mean_inclusive"] = "roi_align"  # authors: crop_mean_inclusive
     roi_size: int = 7  # RoIAlign output size (extraction roi_align)
     min_box: float = 0.0  # bank: drop boxes narrower / lower than this (px); authors: 30
     # bank: at most this many images per class (authors: 800 on COCO; 0 = all); only the images holding a kept
@@ -128,6 +143,26 @@ class GlobalOptions(PrototypeOptions):
     temperature: float = 2.0
     kl_class_mean: bool = False
     resp_rois: Literal["all", "positive"] = "all"  # Faster R-CNN: negatives weight 1, or left out
+    # Options that only reproduce the authors' code (docs/methods.md, global, table of differences):
+    # the feature mask: cells of a box "cover" (floor start, ceil end, >= 1 cell) or "floor"
+    # ([int(x1/s), int(x2/s)); a box thinner than a cell marks only its top-left cell)
+    cell_range: Literal["cover", "floor"] = "cover"
+    # overlapping boxes: a cell holds the largest sigma ("max") or the last box's ("overwrite": box after box)
+    mask_rule: Literal["max", "overwrite"] = "max"
+    # feat_loss defeat: a box's mask level, the canonical FPN level of the pooled levels ("canonical") or
+    # floor(log2(sqrt((w + 1)(h + 1)) / 56)) counted from the finest map over every map ("finest_56")
+    feat_box_level: Literal["canonical", "finest_56"] = "canonical"
+    # feat_loss defeat: the levels' fg and bg terms averaged (authors' two-stage code) or summed (their one-stage
+    # code returns the per-level list, which mmdetection sums; no released config: inferred)
+    feat_level_reduce: Literal["mean", "sum"] = "mean"
+    sigma_inside_smooth_l1: bool = False  # global_loss cosine_all: smoothL1(sigma cs, sigma ct), not sigma smoothL1
+    # sigma weighting loss_local_resp: the instance's on its canonical level (from ``extraction``), or from
+    # the RoIAlign (roi_size) of its box on that level, as the detector's RoI head pools it ("roi_align")
+    resp_sigma_from: Literal["instance", "roi_align"] = "instance"
+    decay_resp: bool = True  # distill.decay also scales loss_local_resp (the authors' code leaves it undecayed)
+    # RetinaNet / FCOS: per-class sigmoid KL, or KL of a softmax over the C sigmoid logits (authors' one-stage
+    # code, no released config: inferred)
+    one_stage_kl: Literal["sigmoid", "softmax"] = "sigmoid"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,23 +244,102 @@ def paper_global_terms(groups: list[tuple[Tensor, Tensor, Tensor, Prototypes]], 
     return total
 
 
-def cosine_all_terms(ft: Tensor, fs: Tensor, proto_t: Tensor, proto_s: Tensor, sigma: Tensor) -> Tensor:
+def cosine_all_terms(ft: Tensor, fs: Tensor, proto_t: Tensor, proto_s: Tensor, sigma: Tensor,
+                     sigma_inside: bool = False) -> Tensor:
     """Authors' global loss on one level: sum over instances of sigma * mean_k smoothL1(cos(f^s, P^s_k),
-    cos(f^t, P^t_k)) over the prototypes P of ALL classes."""
+    cos(f^t, P^t_k)) over the prototypes P of ALL classes.
+
+    ``sigma_inside`` (the authors' code): sum over instances of mean_k smoothL1(sigma cos(f^s, P^s_k),
+    sigma cos(f^t, P^t_k)): sigma scales both arguments, so it enters quadratically where |d| < 1.
+    """
     rs = F.normalize(fs, dim=1) @ F.normalize(proto_s, dim=1).T
     rt = F.normalize(ft, dim=1) @ F.normalize(proto_t, dim=1).T
+    if sigma_inside:
+        s = sigma.detach()[:, None]
+        return F.smooth_l1_loss(s * rs, s * rt.detach(), reduction="none").mean(dim=1).sum()
     rows = F.smooth_l1_loss(rs, rt.detach(), reduction="none").mean(dim=1)
     return (sigma * rows).sum()
 
 
+def finest56_box_levels(boxes: Tensor, num_levels: int) -> Tensor:
+    """The authors' mask level of each box (M, 4): floor(log2(sqrt((w + 1)(h + 1)) / 56 + 1e-6)) clamped to
+    0 .. num_levels - 1, an index into ALL the maps from the finest (P2-P6 for Faster R-CNN, P3-P7 for
+    RetinaNet alike): mmdetection's RoI level rule with the legacy +1 pixel, over every map."""
+    wh = boxes.detach().float()[:, 2:] - boxes.detach().float()[:, :2] + 1.0
+    k = torch.floor(torch.log2(torch.sqrt(wh[:, 0] * wh[:, 1]) / 56.0 + 1e-6))
+    return k.clamp(0, num_levels - 1).to(torch.int64)
+
+
+def ordered_box_mask(boxes: Tensor, weights: Tensor, height: int, width: int, stride: float,
+                     cell_range: str = "cover", mask_rule: str = "max") -> tuple[Tensor, Tensor]:
+    """(height, width) map of per-box ``weights`` (M,) on one level, and the (height, width) bool cells written.
+
+    ``cell_range``: ``cover`` = :func:`detkd.distill.common.box_cell_ranges` (floor start, ceil end, >= 1
+    cell); ``floor`` (authors' code) = columns int(x1 / s) .. int(x2 / s) - 1 clipped to the map (a box
+    whose edge falls on a stride multiple does not reach the next cell), rows likewise; a box with no
+    column or no row in that range marks the single cell (int(y1 / s), int(x1 / s)).
+    ``mask_rule``: ``max`` = a cell holds the largest weight of the boxes covering it; ``overwrite``
+    (authors' code) = boxes are written in order, a later box replacing the cells of earlier ones, except
+    that a single-cell box (the ``floor`` case above) keeps the larger of its weight and the cell's.
+    The weights are constants (detached).
+    """
+    device = boxes.device
+    if cell_range == "cover" and mask_rule == "max":
+        return weighted_box_mask(boxes, weights, height, width, stride)
+    mask = torch.zeros((height, width), dtype=torch.float32, device=device)
+    cover = torch.zeros((height, width), dtype=torch.bool, device=device)
+    if boxes.numel() == 0:
+        return mask, cover
+    w = weights.detach().float()
+    if cell_range == "cover":
+        ranges = torch.stack(box_cell_ranges(boxes, height, width, stride), dim=1).long().tolist()
+    else:  # int() truncates like the authors' int(x / s); boxes are non-negative in the transformed frame
+        b = (boxes.detach().float() / stride).trunc().long()
+        ranges = torch.stack([b[:, 0].clamp(min=0), b[:, 1].clamp(min=0), b[:, 2].clamp(max=width),
+                              b[:, 3].clamp(max=height)], dim=1).tolist()
+    for i, (x0, y0, x1, y1) in enumerate(ranges):
+        if x0 == x1 or y0 == y1:  # only reachable with "floor": one cell, max (kept on the map)
+            yc, xc = min(y0, height - 1), min(x0, width - 1)
+            mask[yc, xc] = torch.maximum(mask[yc, xc], w[i]) if mask_rule == "overwrite" or cover[yc, xc] else w[i]
+            cover[yc, xc] = True
+            continue
+        if mask_rule == "overwrite":
+            mask[y0:y1, x0:x1] = w[i]
+        else:
+            region = mask[y0:y1, x0:x1]
+            seen = cover[y0:y1, x0:x1]
+            mask[y0:y1, x0:x1] = torch.where(seen, torch.maximum(region, w[i]), w[i])
+        cover[y0:y1, x0:x1] = True
+    return mask, cover
+
+
+def authors_decoupled_terms(d2: Tensor, mask: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """The authors' point-wise feature loss on one level, before its weights (fg 1, bg 4): DeFeat's
+    decoupled loss with the sigma map M as the foreground mask, repeated over the C channels.
+
+        fg = sum M d2 / max(1, 2 C sum M)
+        bg = sum B d2 / max(1, 2 C sum B),  B = 1 - M' with M' = 1 where M > 0 and M elsewhere
+
+    ``d2``: (N, H, W) squared difference summed over channels; ``mask``: (N, H, W) sigma map. As in their
+    code: a cell with sigma <= 0 is background (weight 1 - sigma, above 1 for a negative sigma) and a
+    negative sigma also counts in fg with its sign; the max(1, .) floors a non-positive sum M at 1.
+    """
+    m = mask.detach().float()
+    bg = 1.0 - torch.where(m > 0, torch.ones_like(m), m)
+    fg_den = torch.clamp(2.0 * channels * m.sum(), min=1.0)
+    bg_den = torch.clamp(2.0 * channels * bg.sum(), min=1.0)
+    return (d2 * m).sum() / fg_den, (d2 * bg).sum() / bg_den
+
+
 def level_masks(
-    taps: Taps, inst: Instances, sigma: Tensor, level: int, only_assigned: bool = False
+    taps: Taps, inst: Instances, sigma: Tensor, level: int, assigned: Tensor | None = None,
+    cell_range: str = "cover", mask_rule: str = "max",
 ) -> tuple[Tensor, Tensor]:
     """(N_img, H, W) sigma-weighted box map and coverage of the instances on ``level``
-    (:func:`detkd.distill.common.weighted_box_mask`: a cell holds the largest sigma of the boxes covering it).
+    (:func:`ordered_box_mask`; by default a cell holds the largest sigma of the boxes covering it).
 
-    ``sigma`` (N,) weighs each instance; ``only_assigned`` keeps the instances whose canonical level is
-    ``level``.
+    ``sigma`` (N,) weighs each instance; ``assigned`` (N,) int64 keeps the instances whose level it gives
+    is ``level`` (None: every instance).
     """
     h, w = taps.features[level].shape[-2:]
     stride = float(taps.strides[level])
@@ -234,8 +348,8 @@ def level_masks(
     for boxes in inst.boxes:
         n = boxes.shape[0]
         s = sigma[start : start + n]
-        keep = inst.level[start : start + n] == level if only_assigned else torch.ones_like(s, dtype=torch.bool)
-        m, c = weighted_box_mask(boxes[keep], s[keep], h, w, stride)
+        keep = assigned[start : start + n] == level if assigned is not None else torch.ones_like(s, dtype=torch.bool)
+        m, c = ordered_box_mask(boxes[keep], s[keep], h, w, stride, cell_range, mask_rule)
         maps.append(m)
         covers.append(c)
         start += n
@@ -433,6 +547,36 @@ class PrototypeDistiller(Distiller):
             return sig.new_zeros(0)
         return sig[inst.level, torch.arange(inst.num, device=sig.device)]
 
+    def pooled_sigma(self, teacher: Taps, student: Taps, inst: Instances) -> Tensor:
+        """(N,) sigma of every instance from the RoIAlign (``roi_size`` x ``roi_size``, averaged) of its box on
+        its canonical level, the level and pooling of the detector's RoI head (torchvision's
+        MultiScaleRoIAlign), with the class's prototypes of that level (authors' RoI-score KL weight:
+        ``resp_sigma_from: roi_align``). The kind of sigma is ``sigma``; 1 for a class without prototypes."""
+        from detkd.distill.pgm import project
+        from detkd.taps import pool_boxes
+
+        opts = self.opts
+        device = student.features[0].device
+        sig = torch.ones(inst.num, device=device)
+        if not inst.num:
+            return sig
+        levels = list(inst.level.split([int(b.shape[0]) for b in inst.boxes]))
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            ft = pool_boxes(teacher, list(inst.boxes), opts.roi_size, levels=levels).float().mean(dim=(2, 3))
+            fs = pool_boxes(student, list(inst.boxes), opts.roi_size, levels=levels).float().mean(dim=(2, 3))
+            groups = torch.stack([inst.level, inst.labels], dim=1).unique(dim=0).tolist()
+            for lv, c in groups:
+                p = self.bank.get(lv, c, device)
+                if p is None or p.indices.numel() == 0:
+                    continue  # no prototypes: the authors' code crashes here; sigma stays 1
+                rows = torch.nonzero((inst.level == lv) & (inst.labels == c)).squeeze(1)
+                if opts.sigma == "cosine_max":
+                    sig[rows] = cosine_max_sigma(ft[rows], fs[rows], p.teacher, p.student)
+                else:
+                    lt, ls = project(ft[rows], fs[rows], p.teacher, p.student, opts.lam, normalize=opts.normalize)
+                    sig[rows] = paper_sigma(lt, ls)
+        return sig
+
     def record_stats(self, rels: list[LevelRelations], sig: Tensor) -> None:
         has = torch.zeros_like(sig, dtype=torch.bool)
         for lv, rel in enumerate(rels):
@@ -494,6 +638,8 @@ class GlobalKD(PrototypeDistiller):
             kind, relu = ("conv1x1", True) if opts.adapter == "conv1x1_relu" else ("conv3x3", False)
             self.adapters = build_adapters(student_channels, teacher_channels, kind, relu=relu,
                                            where="global.options.adapter")
+        if not opts.decay_resp:  # the authors decay the feature and pair terms, not the RoI-score KL
+            self.undecayed = frozenset({"loss_local_resp"})
 
     def request(self) -> TapRequest:
         two_stage = self.arch == "faster_rcnn"
@@ -517,34 +663,55 @@ class GlobalKD(PrototypeDistiller):
                 else:
                     protos = self.bank.all_classes(lv, device)
                     if protos is not None and inst.num:
-                        total = total + cosine_all_terms(rel.ft, rel.fs, protos[0], protos[1], sig[lv]) / n
+                        total = total + cosine_all_terms(rel.ft, rel.fs, protos[0], protos[1], sig[lv],
+                                                         opts.sigma_inside_smooth_l1) / n
             out["loss_global"] = opts.a_global * total
 
         if self.use_feat:
-            total = anchor
-            cells = torch.zeros((), device=device)  # feat_norm "all": covered cells of every level
-            for lv, (adapter, fs_map, ft_map) in enumerate(zip(self.adapters, student.features, teacher.features)):
-                d2 = ((adapter(fs_map).float() - ft_map.detach().float()) ** 2).sum(dim=1)  # (N_img, H, W)
-                if opts.feat_loss == "paper" and opts.feat_norm == "all":
-                    w, cover = level_masks(student, inst, sig[lv], lv)
-                    total = total + (w * d2).sum()
-                    cells = cells + cover.sum()
-                elif opts.feat_loss == "paper":
-                    w, cover = level_masks(student, inst, sig[lv], lv)
-                    total = total + (w * d2).sum() / (2.0 * cover.sum().clamp(min=1))
-                else:
-                    w, cover = level_masks(student, inst, sig[lv], lv, only_assigned=True)
-                    bg = (~cover).float()
-                    total = total + opts.defeat_fg * (w * d2).sum() / (2.0 * w.sum()).clamp(min=1e-6)
-                    total = total + opts.defeat_bg * (bg * d2).sum() / (2.0 * bg.sum()).clamp(min=1.0)
-            if opts.feat_loss == "paper" and opts.feat_norm == "all":
-                total = total / (2.0 * cells.clamp(min=1))
-            out["loss_local_feat"] = opts.a_feat * total
+            out["loss_local_feat"] = opts.a_feat * self.local_feat(teacher, student, inst, sig, anchor)
 
         if self.use_resp:
-            sigma_inst = self.canonical_sigma(sig, inst)
+            if opts.resp_sigma_from == "roi_align":
+                sigma_inst = self.pooled_sigma(teacher, student, inst)
+            else:
+                sigma_inst = self.canonical_sigma(sig, inst)
             out["loss_local_resp"] = opts.a_resp * self.response(teacher, student, inst, sigma_inst)
         return out
+
+    def local_feat(self, teacher: Taps, student: Taps, inst: Instances, sig: Tensor, anchor: Tensor) -> Tensor:
+        """L_local_feat before ``a_feat`` (module docstring): Eq. 7 (``feat_loss: paper``), or the authors'
+        point-wise loss (``defeat``): ``defeat_fg * mean_l fg_l + defeat_bg * mean_l bg_l`` with the terms of
+        :func:`authors_decoupled_terms`, each level's mask holding the boxes assigned to it."""
+        opts = self.opts
+        device = student.features[0].device
+        mask_opts = {"cell_range": opts.cell_range, "mask_rule": opts.mask_rule}
+        assigned = None
+        if opts.feat_loss == "defeat":
+            if opts.feat_box_level == "finest_56":
+                boxes = torch.cat(inst.boxes) if inst.num else torch.zeros((0, 4), device=device)
+                assigned = finest56_box_levels(boxes, len(student.features))
+            else:
+                assigned = inst.level
+        total = anchor
+        fg_sum, bg_sum = anchor, anchor
+        cells = torch.zeros((), device=device)  # feat_norm "all": covered cells of every level
+        for lv, (adapter, fs_map, ft_map) in enumerate(zip(self.adapters, student.features, teacher.features)):
+            d2 = ((adapter(fs_map).float() - ft_map.detach().float()) ** 2).sum(dim=1)  # (N_img, H, W)
+            w, cover = level_masks(student, inst, sig[lv], lv, assigned, **mask_opts)
+            if opts.feat_loss == "defeat":
+                fg, bg = authors_decoupled_terms(d2, w, ft_map.shape[1])
+                fg_sum, bg_sum = fg_sum + fg, bg_sum + bg
+            elif opts.feat_norm == "all":
+                total = total + (w * d2).sum()
+                cells = cells + cover.sum()
+            else:
+                total = total + (w * d2).sum() / (2.0 * cover.sum().clamp(min=1))
+        if opts.feat_loss == "defeat":  # the authors' two-stage code averages both terms over the levels
+            levels = len(student.features) if opts.feat_level_reduce == "mean" else 1
+            return total + (opts.defeat_fg * fg_sum + opts.defeat_bg * bg_sum) / levels
+        if opts.feat_norm == "all":
+            return total / (2.0 * cells.clamp(min=1))
+        return total
 
     def response(self, teacher: Taps, student: Taps, inst: Instances, sigma_inst: Tensor) -> Tensor:
         """L_local_resp: sigma-weighted KL(teacher || student) (module docstring), i.e. vanilla KD's terms
@@ -556,7 +723,8 @@ class GlobalKD(PrototypeDistiller):
             samples = "positive" if opts.resp_rois == "positive" else "all"
             return roi_kd(teacher, student, opts.temperature, samples, reduction, weights=w, method="global")
         w = self.anchor_weights(student, inst, sigma_inst)
-        return dense_kd(teacher, student, opts.temperature, "positive", reduction, weights=w, method="global")
+        return dense_kd(teacher, student, opts.temperature, "positive", reduction, weights=w, method="global",
+                        kl=opts.one_stage_kl)
 
 
 # ----------------------------------------------------------------------------------------------------------

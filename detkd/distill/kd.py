@@ -69,13 +69,16 @@ def roi_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "aut
 
 
 def dense_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "auto", class_reduction: str = "sum",
-             weights: Tensor | None = None, method: str = "kd") -> Tensor:
+             weights: Tensor | None = None, method: str = "kd", kl: str = "sigmoid") -> Tensor:
     """RetinaNet / FCOS ``kd_cls`` before its weight: the mean over the kept anchors / points (``samples``:
     the positives ``matched_idxs >= 0``, or ``all``) of the per-class sigmoid KL times T^2 (module doc).
 
     ``weights``: (N, A) per-anchor constants multiplying each anchor's KL (``kd_proto``: the sigma of a
     positive's matched instance, 1 elsewhere); the mean still divides by the number of kept anchors.
     None = 1 (vanilla KD).
+
+    ``kl: softmax`` (the global-knowledge authors' one-stage code): the softmax KL over the C class logits
+    1..C of a row instead of the per-class sigmoid KL; ``class_reduction: mean`` divides it by C.
     """
     zs, zt = check_logits(teacher, student, "cls_logits", "dense_outputs", method)
     if student.matched_idxs is None:
@@ -89,11 +92,15 @@ def dense_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "a
         raise ValueError(f"{method}: anchor weights {tuple(weights.shape)} != matched_idxs {tuple(matched.shape)}")
     keep = torch.ones_like(matched, dtype=torch.bool) if samples == "all" else matched >= 0
     # select first: the dense (N, A, C) KL would be mostly thrown away; column 0 is never a class
-    kl = sigmoid_kl(zs[keep][:, 1:], zt[keep][:, 1:], temperature)  # (P, C)
-    kl = kl.mean(dim=1) if class_reduction == "mean" else kl.sum(dim=1)
+    if kl == "softmax":
+        kl_rows = softmax_kl(zs[keep][:, 1:], zt[keep][:, 1:], temperature)  # (P,)
+        kl_rows = kl_rows / (zs.shape[-1] - 1) if class_reduction == "mean" else kl_rows
+    else:
+        per_class = sigmoid_kl(zs[keep][:, 1:], zt[keep][:, 1:], temperature)  # (P, C)
+        kl_rows = per_class.mean(dim=1) if class_reduction == "mean" else per_class.sum(dim=1)
     if weights is not None:
-        kl = weights[keep] * kl
-    return kl.sum() / max(kl.shape[0], 1) + graph_zero([zs])
+        kl_rows = weights[keep] * kl_rows
+    return kl_rows.sum() / max(kl_rows.shape[0], 1) + graph_zero([zs])
 
 
 @register("kd")

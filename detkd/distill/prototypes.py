@@ -11,8 +11,11 @@ Decisions this module makes (the paper leaves them open):
   selected per (level, class): level l's prototypes are instances' level-l vectors. (The authors' code
   does the same: one vector per FPN level per box, prototypes per class per level.)
 - **Instance feature.** ``extraction="roi_align"`` (default): RoIAlign of the box on the level
-  (``roi_size`` x ``roi_size``) and a spatial mean -> one C-dim vector. ``"crop_mean"`` (authors'): the
-  mean of the feature cells covered by the box (start floored, end ceiled: at least one cell).
+  (``roi_size`` x ``roi_size``) and a spatial mean -> one C-dim vector. ``"crop_mean"``: the mean of the
+  feature cells covered by the box (start floored, end ceiled: at least one cell). ``"crop_mean_inclusive"``
+  (the authors' crop, in their PGM and their per-batch sigma): the cells int(x1 / s) .. int(x2 / s), both
+  ends included, so a box whose right / bottom edge falls on a stride multiple also takes the next column /
+  row (clipped to the map).
 - **Which instances build the bank** (Alg. 2 line 4): the ground-truth boxes of the non-augmented
   training set, ignore (crowd / difficult) boxes excluded. ``min_box`` drops boxes narrower or lower
   than that many pixels of the resized image (authors: 30; default 0 keeps all). ``max_images_per_class``
@@ -62,11 +65,21 @@ GENERATORS = (
 # Instance features
 
 
-def _crop_mean(feature: Tensor, boxes: Tensor, image_index: Tensor, stride: float) -> Tensor:
+EXTRACTIONS = ("roi_align", "crop_mean", "crop_mean_inclusive")
+
+
+def _crop_mean(feature: Tensor, boxes: Tensor, image_index: Tensor, stride: float,
+               inclusive: bool = False) -> Tensor:
     """Mean of the cells a box covers on one map (N, C, H, W): the cells of
-    :func:`detkd.distill.common.box_cell_ranges` (start floored, end ceiled, >= 1 cell)."""
+    :func:`detkd.distill.common.box_cell_ranges` (start floored, end ceiled, >= 1 cell), or with ``inclusive``
+    the authors' int(x1 / s) .. int(x2 / s) + 1 (exclusive end) clipped to the map, >= 1 cell."""
     h, w = feature.shape[-2:]
-    ranges = torch.stack(box_cell_ranges(boxes, h, w, stride), dim=1).long().tolist()  # (M, 4) x0 y0 x1 y1
+    if inclusive:  # int() truncates like the authors' int(abs(x) / s); boxes are non-negative here
+        b = (boxes.detach().float().abs() / stride).trunc().long()
+        x0, y0 = b[:, 0].clamp(max=w - 1), b[:, 1].clamp(max=h - 1)
+        ranges = torch.stack([x0, y0, (b[:, 2] + 1).clamp(max=w), (b[:, 3] + 1).clamp(max=h)], dim=1).tolist()
+    else:
+        ranges = torch.stack(box_cell_ranges(boxes, h, w, stride), dim=1).long().tolist()  # (M, 4) x0 y0 x1 y1
     out = []
     for (x0, y0, x1, y1), i in zip(ranges, image_index.tolist()):
         out.append(feature[i, :, y0:y1, x0:x1].mean(dim=(1, 2)))
@@ -93,13 +106,14 @@ def instance_features(
         levels = [torch.full((b.shape[0],), level, dtype=torch.int64, device=b.device) for b in boxes]
         pooled = pool_boxes(taps, list(boxes), output_size=roi_size, levels=levels)
         return pooled.mean(dim=(2, 3))
-    if extraction == "crop_mean":
+    if extraction in ("crop_mean", "crop_mean_inclusive"):
         feat = taps.features[level]
         if len(boxes) == 0:
             return feat.new_zeros((0, feat.shape[1]))
         image_index = torch.cat([torch.full((b.shape[0],), i, dtype=torch.int64) for i, b in enumerate(boxes)])
-        return _crop_mean(feat, torch.cat(list(boxes)).float(), image_index, float(taps.strides[level]))
-    raise ValueError(f"extraction: {extraction!r} is not one of 'roi_align', 'crop_mean'")
+        return _crop_mean(feat, torch.cat(list(boxes)).float(), image_index, float(taps.strides[level]),
+                          inclusive=extraction == "crop_mean_inclusive")
+    raise ValueError(f"extraction: {extraction!r} is not one of {', '.join(EXTRACTIONS)}")
 
 
 def instance_features_levels(
@@ -421,8 +435,8 @@ class PrototypeBank:
     ):
         if generator not in GENERATORS:
             raise ValueError(f"generator: {generator!r} is not one of {', '.join(GENERATORS)}")
-        if extraction not in ("roi_align", "crop_mean"):
-            raise ValueError(f"extraction: {extraction!r} is not one of 'roi_align', 'crop_mean'")
+        if extraction not in EXTRACTIONS:
+            raise ValueError(f"extraction: {extraction!r} is not one of {', '.join(EXTRACTIONS)}")
         self.k = k
         self.lam = lam
         self.generator = generator

@@ -151,11 +151,19 @@ class DistillStep(nn.Module):
             info("distill.balance: term factors " + ", ".join(
                 f"{k} {b:.3g}" for scales in self.balance_scales for k, b in scales.items()))
         factors = self.balance_scales or [{} for _ in outputs]
-        kd_losses: dict[str, Tensor] = {}
-        for out, w, b in zip(outputs, self.weights, factors):
-            for k, v in out.items():
-                kd_losses[k] = v * (w * b.get(k, 1.0) * self.scale)
-        return det_losses, kd_losses
+        return det_losses, weigh_terms(outputs, list(self.distillers), self.weights, factors, self.scale)
+
+
+def weigh_terms(outputs: list[dict[str, Tensor]], distillers: list[nn.Module], weights: list[float],
+                factors: list[dict[str, float]], scale: float) -> dict[str, Tensor]:
+    """Every distiller's terms times its run-level ``weight``, its balance factor and the decay ``scale``
+    (``distill.decay``), except the terms the distiller lists in ``undecayed``, which keep scale 1."""
+    kd_losses: dict[str, Tensor] = {}
+    for d, out, w, b in zip(distillers, outputs, weights, factors):
+        exempt = getattr(d, "undecayed", frozenset())
+        for k, v in out.items():
+            kd_losses[k] = v * (w * b.get(k, 1.0) * (1.0 if k in exempt else scale))
+    return kd_losses
 
 
 def balance_scales(det_losses: dict[str, Tensor], outputs: list[dict[str, Tensor]], weights: list[float],
