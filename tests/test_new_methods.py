@@ -325,6 +325,14 @@ def test_methods_reads_the_options_dataclasses_of_the_registry(capsys):
         assert set(helps) == {f.name for f in dataclasses.fields(REGISTRY[name].Options)}, name
 
 
+def test_option_comments_follow_inheritance_and_comment_blocks():
+    helps = option_comments(REGISTRY["global"].Options)  # GlobalOptions(PrototypeOptions)
+    assert helps["k"].startswith("prototypes per class")  # inherited field
+    assert helps["min_box"] == "bank: drop boxes narrower / lower than this (px); authors: 30"  # not the block below
+    assert helps["max_images_per_class"].startswith("bank: at most this many images per class")  # block above
+    assert helps["a_feat"] == "alpha_2"
+
+
 def test_methods_unknown_name_exits_2_and_names_it(capsys):
     assert main(["methods", "pkdd"]) == 2
     err = capsys.readouterr().err

@@ -75,31 +75,46 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0] + " ..."
 
 
-def option_comments(options_cls: type) -> dict[str, str]:
-    """``{field: help}`` from the source of a dataclass: the comment after each field, joined with the
-    full-line comments that follow it directly (its continuation). Fields without a comment are absent."""
-    source = textwrap.dedent(inspect.getsource(options_cls))
+def _class_comments(cls: type) -> dict[str, str]:
+    """The field comments written in one class's own source (see :func:`option_comments`)."""
+    source = textwrap.dedent(inspect.getsource(cls))
     classdef = ast.parse(source).body[0]
     trailing: dict[int, str] = {}  # line -> comment after code
     standalone: dict[int, str] = {}  # line -> comment alone on its line
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            text = tok.string.lstrip("#").strip()
             own_line = tok.line[: tok.start[1]].strip() == ""
-            (standalone if own_line else trailing)[tok.start[0]] = text
-    out: dict[str, str] = {}
-    for node in getattr(classdef, "body", []):
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        parts = [trailing[line] for line in range(node.lineno, (node.end_lineno or node.lineno) + 1)
-                 if line in trailing]
-        if not parts:
-            continue
+            (standalone if own_line else trailing)[tok.start[0]] = tok.string.lstrip("#").strip()
+    fields = [node for node in getattr(classdef, "body", [])
+              if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)]
+    parts: dict[str, list[str]] = {}
+    for node in fields:
+        last = node.end_lineno or node.lineno
+        parts[node.target.id] = [trailing[i] for i in range(node.lineno, last + 1) if i in trailing]
+    for i, node in enumerate(fields):
         line = (node.end_lineno or node.lineno) + 1
-        while line in standalone:  # continuation lines right below the field
-            parts.append(standalone[line])
+        block = []
+        while line in standalone:
+            block.append(standalone[line])
             line += 1
-        out[node.target.id] = " ".join(parts)
+        if not block:
+            continue
+        nxt = fields[i + 1] if i + 1 < len(fields) else None
+        if nxt is not None and nxt.lineno == line and not parts[nxt.target.id]:
+            parts[nxt.target.id] = block  # a comment block right above a field without its own comment
+        elif parts[node.target.id]:
+            parts[node.target.id] += block  # the continuation of this field's comment
+    return {name: " ".join(texts) for name, texts in parts.items() if texts}
+
+
+def option_comments(options_cls: type) -> dict[str, str]:
+    """``{field: help}`` read from the source of a dataclass and of the dataclasses it inherits from: the
+    comment after each field, joined with the full-line comments right below it (its continuation); for a
+    field without such a comment, the full-line comments right above it. Fields without any are absent."""
+    out: dict[str, str] = {}
+    for cls in reversed(options_cls.__mro__):  # base classes first, so a subclass's comment wins
+        if dataclasses.is_dataclass(cls):
+            out.update(_class_comments(cls))
     return out
 
 
