@@ -379,3 +379,29 @@ def test_distill_runs_through_the_training_loop(name, data_root, teacher, tmp_pa
     assert any(k.startswith("0.") for k in ckpt["distillers"])  # adapters / generators are saved
     if name == "mgd":
         assert int(ckpt["distillers"]["0.calls"]) == 4  # the mask sequence continues on resume
+
+
+def test_mgd_resumed_run_equals_uninterrupted_run(data_root, teacher, tmp_path):
+    """The mask sequence continues on resume (the ``calls`` buffer is checkpointed): 2 epochs straight and
+    1 + 1 resumed end with the same student and generators."""
+    import copy
+
+    from detkd.engine.checkpoint import load_checkpoint
+    from detkd.engine.trainer import fit
+    from tests.engine_helpers import tiny_config, with_distill
+
+    straight = with_distill(tiny_config(data_root, tmp_path / "straight", arch="faster_rcnn", epochs=2,
+                                        train_images=4, deterministic=True), teacher, ["mgd"])
+    straight.train.eval_every = 2
+    fit(straight, progress=False)
+    half = copy.deepcopy(straight)
+    half.output_dir = str(tmp_path / "halves")
+    half.train.epochs = 1  # the multistep schedule here does not depend on the epoch count
+    fit(half, progress=False)
+    half.train.epochs = 2
+    fit(half, resume=True, progress=False)
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "halves" / "last.pt")
+    for part in ("model", "distillers"):
+        for k, v in a[part].items():
+            torch.testing.assert_close(v, b[part][k], rtol=0, atol=1e-6, msg=f"{part}.{k}")
+    assert int(a["distillers"]["0.calls"]) == int(b["distillers"]["0.calls"]) == 2
