@@ -1,7 +1,7 @@
 """CWD: channel-wise distillation of the FPN maps (Shu et al., "Channel-wise Knowledge Distillation for
 Dense Prediction", ICCV 2021, https://arxiv.org/abs/2011.13256).
 
-Sec. 3.2 of the paper: each channel c of a map y (C, H, W) becomes a distribution over its H W positions
+The paper's method section: each channel c of a map y (C, H, W) becomes a distribution over its H W positions
 by a softmax with temperature tau,
 
     phi(y_c)_i = exp(y_{c,i} / tau) / sum_j exp(y_{c,j} / tau)

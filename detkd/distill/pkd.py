@@ -2,7 +2,7 @@
 Framework for Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022,
 https://arxiv.org/abs/2207.02039).
 
-Sec. 3.2 of the paper: the teacher's and the student's FPN maps differ in magnitude (across detector
+The paper's method section: the teacher's and the student's FPN maps differ in magnitude (across detector
 types even more), and the levels and channels of large magnitude dominate a plain MSE. PKD therefore
 imitates the Pearson correlation coefficient r of each channel instead of its values: both maps are
 standardised to zero mean and unit variance, then compared by half the mean squared error,
