@@ -141,6 +141,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from detkd.distill.describe import format_method, format_methods, registry
+
+    if args.name is None:
+        print(format_methods())
+        return 0
+    if args.name not in registry():
+        raise ConfigError(f"unknown method {args.name!r} (known: {', '.join(registry())})")
+    print(format_method(args.name))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="detkd", description="Knowledge distillation for torchvision detectors")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -160,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished, run nothing")
     p.add_argument("--progress", action="store_true", help="progress bars of every run in its log")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("methods", help="list the distillation methods, or one method's options and defaults")
+    p.add_argument("name", nargs="?", help="a method's registry name (e.g. pkd): print its options")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (training or exported) on the val split")
     _add_config(p)

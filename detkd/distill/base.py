@@ -103,8 +103,8 @@ def build_distiller(
 
 # Options that may be negative: seeds, and score thresholds where a negative value means "keep all".
 SIGNED_OPTIONS = frozenset({"seed", "min_score"})
-# Options that must be strictly positive: temperatures divide the logits.
-POSITIVE_OPTIONS = frozenset({"temperature", "temp"})
+# Options that must be strictly positive: temperatures divide the logits (or the maps: CWD's tau).
+POSITIVE_OPTIONS = frozenset({"temperature", "temp", "tau"})
 
 
 def check_option_values(opts: Any, where: str) -> None:

@@ -1,6 +1,9 @@
 """Small pieces shared by the feature and logit distillers.
 
 - :func:`build_adapters`: per-level convolutions mapping student channels to teacher channels.
+- :func:`resolve_adapter`: the ``auto`` adapter kind (identity where the widths agree, else a 1x1 conv).
+- :func:`select_levels`: the pyramid levels a feature distiller works on (default: all but Faster R-CNN's
+  max-pooled ``pool`` level).
 - :func:`check_pyramids` / :func:`check_adapters`: teacher, student and adapters agree on the levels.
 - :func:`box_masks` / :func:`box_mask` / :func:`weighted_box_mask`: boxes rasterised on the pyramid levels
   (DeFeat-style masks; the weighted one keeps the largest per-box weight of each cell).
@@ -62,6 +65,37 @@ def build_adapters(student_channels: list[int], teacher_channels: list[int], kin
             layers.append(nn.ReLU())
         adapters.append(nn.Sequential(*layers))
     return nn.ModuleList(adapters)
+
+
+def resolve_adapter(kind: str, student_channels: list[int], teacher_channels: list[int]) -> str:
+    """``auto`` -> ``identity`` when every level has the same width in both detectors, else ``conv1x1``
+    (the PKD / CWD / MGD authors align only when the widths differ); other kinds are returned as given."""
+    if kind != "auto":
+        return kind
+    return "identity" if list(student_channels) == list(teacher_channels) else "conv1x1"
+
+
+def select_levels(levels: list[int], num_levels: int, arch: str, where: str) -> list[int]:
+    """The pyramid indices a feature distiller uses: ``levels`` when given (distinct, in range), else every
+    level except Faster R-CNN's last one: torchvision's ``pool`` is P5 max-pooled for the RPN, with no conv
+    of its own, and the authors of FGD, PKD, CWD and MGD distil the four FPN output convs P2-P5."""
+    if levels:
+        if any(not 0 <= i < num_levels for i in levels) or len(set(levels)) != len(levels):
+            raise ConfigError(f"{where}: {list(levels)} must be distinct indices in 0..{num_levels - 1}")
+        return list(levels)
+    if arch == "faster_rcnn" and num_levels > 1:
+        return list(range(num_levels - 1))
+    return list(range(num_levels))
+
+
+def check_levels(levels: list[int], teacher: Taps, student: Taps, method: str) -> None:
+    """Both pyramids have the same levels, the chosen ``levels`` exist, and their maps agree in size."""
+    check_pyramids(teacher, student, method)
+    if levels and max(levels) >= len(student.features):
+        raise ValueError(
+            f"{method}: built for levels {levels}, the student taps have {len(student.features)} "
+            f"({student.level_names})"
+        )
 
 
 def check_pyramids(teacher: Taps, student: Taps, method: str) -> None:

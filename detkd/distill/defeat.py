@@ -50,13 +50,13 @@ from detkd.taps import TapRequest, Taps
 
 @dataclass
 class DeFeatOptions:
-    fg_weight: float = 3.0
-    bg_weight: float = 12.0
-    adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv3x3"
+    fg_weight: float = 3.0  # feature loss inside the boxes (authors' VOC config)
+    bg_weight: float = 12.0  # feature loss outside the boxes
+    adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv3x3"  # student to teacher width
     roi: bool = True  # Faster R-CNN: also the decoupled RoI classification KD
-    roi_fg_weight: float = 2.0
-    roi_bg_weight: float = 2.0
-    temperature: float = 1.0
+    roi_fg_weight: float = 2.0  # RoI KD on positive RoIs
+    roi_bg_weight: float = 2.0  # RoI KD on negative RoIs
+    temperature: float = 1.0  # T of the RoI KD
 
 
 def decoupled_feature_loss(adapters: nn.ModuleList, teacher: Taps, student: Taps, masks: list[Tensor],

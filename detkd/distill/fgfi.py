@@ -44,10 +44,10 @@ from detkd.taps import TapRequest, Taps
 class FGFIOptions:
     weight: float = 0.01  # lambda; the FGFI authors' code default
     factor: float = 0.5  # psi: threshold = factor * max IoU of each box
-    adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv3x3"
-    adapter_relu: bool = False
+    adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv3x3"  # student to teacher width (authors: 3x3)
+    adapter_relu: bool = False  # a ReLU after the adapter (authors, on VGG); FPN outputs are signed
     anchor_sizes: list[float] = field(default_factory=list)  # Faster R-CNN without taps anchors; [] = 8 x stride
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # generated anchors (h / w)
 
 
 @register("fgfi")

@@ -22,8 +22,8 @@ from detkd.taps import TapRequest, Taps
 
 @dataclass
 class FitNetOptions:
-    weight: float = 1.0
-    adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv1x1"
+    weight: float = 1.0  # multiplies the mean over levels of the MSE
+    adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv1x1"  # the regressor from student to teacher width
 
 
 @register("fitnet")

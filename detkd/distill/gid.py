@@ -55,7 +55,7 @@ class GIDOptions:
     relation_weight: float = 40.0  # l2
     response_weight: float = 1.0  # l3
     top_k: int = 10  # general instances per image
-    nms_iou: float = 0.3
+    nms_iou: float = 0.3  # NMS IoU among the general-instance candidates (the paper's 0.3)
     pre_nms_top_n: int = 1000  # candidates per image (by GI score) kept before NMS, for speed
     min_score: float = 0.0  # a candidate needs a GI score strictly above this
     pool_size: int = 7  # RoIAlign output size of the feature / relation embeddings

@@ -33,10 +33,11 @@ from detkd.taps import TapRequest, Taps
 
 @dataclass
 class KDOptions:
-    weight: float = 1.0
-    temperature: float = 2.0
-    samples: Literal["auto", "all", "positive"] = "auto"
-    class_reduction: Literal["sum", "mean"] = "sum"
+    weight: float = 1.0  # multiplies kd_cls
+    temperature: float = 2.0  # T of the softened outputs; the KL is scaled by T^2
+    samples: Literal["auto", "all", "positive"] = "auto"  # auto: all sampled RoIs (Faster R-CNN), positive
+    # anchors / points (RetinaNet, FCOS)
+    class_reduction: Literal["sum", "mean"] = "sum"  # the KL summed over classes, or that sum / classes
 
 
 def _mean_over(values: Tensor, keep: Tensor, anchor: Tensor) -> Tensor:

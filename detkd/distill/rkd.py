@@ -76,13 +76,13 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
 @dataclass
 class RKDOptions:
-    weight: float = 1.0
-    distance_weight: float = 25.0
-    angle_weight: float = 50.0
-    embedding: Literal["gap", "flatten"] = "gap"
-    pool_size: int = 7
-    scope: Literal["batch", "image"] = "batch"
-    max_instances: int = 64
+    weight: float = 1.0  # multiplies both terms
+    distance_weight: float = 25.0  # rkd_distance weight (the paper's, for classification)
+    angle_weight: float = 50.0  # rkd_angle weight; 0 drops the angle term
+    embedding: Literal["gap", "flatten"] = "gap"  # RoIAligned instance features: global average pooled or flat
+    pool_size: int = 7  # RoIAlign output size
+    scope: Literal["batch", "image"] = "batch"  # relate all instances of the batch, or within each image
+    max_instances: int = 64  # a random subset of this size when a scope holds more (the angle term is cubic)
 
 
 @register("rkd")

@@ -1,0 +1,106 @@
+"""PKD: Pearson-correlation feature imitation on the FPN maps (Cao et al., "PKD: General Distillation
+Framework for Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022,
+https://arxiv.org/abs/2207.02039).
+
+The paper's method section: the teacher's and the student's FPN maps differ in magnitude (across detector
+types even more), and the levels and channels of large magnitude dominate a plain MSE. PKD therefore
+imitates the Pearson correlation coefficient r of each channel instead of its values: both maps are
+standardised to zero mean and unit variance, then compared by half the mean squared error,
+
+    s_hat = (s - mean(s)) / std(s),   t_hat = (t - mean(t)) / std(t)
+    L_FPN = 1/2 * mean (s_hat - t_hat)^2
+
+With population statistics over the H x W positions of one channel of one image this is exactly
+``1 - r(s, t)`` averaged over channels and images (``stats: instance``, the default: the paper's
+per-sample formula). The loss is **scale-free**: multiplying the teacher's or the student's map by a
+positive constant (per channel, per image) or adding a constant leaves it unchanged, which is why it
+works across detector families.
+
+``stats: batch`` is the authors' released implementation (mmrazor ``PKDLoss``): mean and standard
+deviation per channel over the batch and the positions together, the standard deviation with Bessel's
+correction, ``(x - mean) / (std + 1e-6)``. Both modes use ``std + eps`` in the denominator, so a constant
+channel standardises to 0 instead of NaN.
+
+Widths: when teacher and student differ (e.g. 256 vs 64 channels) the student goes through a 1x1
+convolution first (``adapter: auto``); equal widths are compared directly, as the authors do.
+
+Levels and weight: the loss of each level is weighted by ``weight`` and the levels are summed. The
+default weight 6 is the authors' (mmrazor ``configs/distill/mmdet/pkd``: ``PKDLoss(loss_weight=6)`` on each
+of the first four FPN outputs, for Faster R-CNN R101 -> R50 and for the RetinaNet / FCOS students).
+detkd's default levels are every level except Faster R-CNN's ``pool`` (the authors' four for Faster
+R-CNN; all five P3-P7 for RetinaNet / FCOS, where the authors' configs leave out P7: ``levels: [0, 1, 2,
+3]`` reproduces them). Padded cells of the batch count in the statistics, as in the authors' code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from detkd.distill.base import Distiller, register
+from detkd.distill.common import build_adapters, check_levels, resolve_adapter, select_levels
+from detkd.taps import TapRequest, Taps
+
+
+@dataclass
+class PKDOptions:
+    weight: float = 6.0  # loss weight of each level (summed over levels); 6 in the authors' configs
+    stats: Literal["instance", "batch"] = "instance"  # standardise per image and channel (the paper) or
+    # per channel over the whole batch (the authors' code)
+    eps: float = 1e-6  # added to the standard deviation, so constant channels give 0, not NaN
+    adapter: Literal["auto", "conv1x1", "conv3x3", "identity"] = "auto"  # maps student to teacher width;
+    # auto: a 1x1 conv only where the widths differ
+    levels: list[int] = field(default_factory=list)  # pyramid indices; empty = all but Faster R-CNN 'pool'
+
+
+def standardize(x: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:
+    """(N, C, H, W) -> the same shape, each channel at zero mean and unit variance.
+
+    ``instance``: statistics over H x W per image and channel, population variance (divide by H W).
+    ``batch``: statistics over N x H x W per channel, Bessel-corrected (divide by N H W - 1; by N H W when
+    that is 1), as the authors' code. Both divide by ``std + eps``."""
+    x = x.float()
+    dims = (2, 3) if stats == "instance" else (0, 2, 3)
+    count = 1
+    for d in dims:
+        count *= x.shape[d]
+    correction = 1 if (stats == "batch" and count > 1) else 0
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.var(dim=dims, keepdim=True, correction=correction).sqrt()
+    return (x - mean) / (std + eps)
+
+
+def pkd_loss(student: Tensor, teacher: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:
+    """Half the mean squared error of the standardised maps (module docstring); the teacher is detached."""
+    s = standardize(student, stats, eps)
+    t = standardize(teacher.detach(), stats, eps)
+    return 0.5 * ((s - t) ** 2).mean()
+
+
+@register("pkd")
+class PKD(Distiller):
+    """``pkd_feat = weight * sum_l 1/2 MSE(standardise(adapter_l(S_l)), standardise(T_l))`` over the levels l."""
+
+    Options = PKDOptions
+    archs = ("faster_rcnn", "retinanet", "fcos")
+
+    def __init__(self, opts: PKDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
+        super().__init__(opts, teacher_channels, student_channels, arch)
+        self.levels = select_levels(opts.levels, len(student_channels), arch, "pkd.options.levels")
+        sc = [student_channels[i] for i in self.levels]
+        tc = [teacher_channels[i] for i in self.levels]
+        self.adapters = build_adapters(sc, tc, resolve_adapter(opts.adapter, sc, tc), where="pkd.options.adapter")
+
+    def request(self) -> TapRequest:
+        return TapRequest(features=True)
+
+    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        check_levels(self.levels, teacher, student, "pkd")
+        losses = [
+            pkd_loss(adapter(student.features[i]), teacher.features[i], self.opts.stats, self.opts.eps)
+            for adapter, i in zip(self.adapters, self.levels)
+        ]
+        return {"pkd_feat": self.opts.weight * torch.stack(losses).sum()}
