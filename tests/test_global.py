@@ -365,3 +365,17 @@ def test_rkd_proto_hand_value_and_gradient():
     assert math.isclose(out["rkd_proto"].item(), expected, rel_tol=1e-5)
     out["rkd_proto"].backward()
     assert student.features[0].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("adapter,relu", [("conv1x1_relu", True), ("conv1x1", False), ("conv3x3", False)])
+def test_adapter_choices(adapter, relu):
+    """The paper's H ends in a ReLU, which cannot output the negative values of a signed teacher map: with a
+    bias of -1 and zero weights, H(f^s) is 0 (ReLU) or -1 (linear) everywhere."""
+    d = make("global", use_global=False, use_resp=False, adapter=adapter)
+    conv = d.adapters[0][0]
+    assert conv.kernel_size == ((3, 3) if adapter == "conv3x3" else (1, 1))
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(-1.0)
+    out = d.adapters[0](torch.ones(1, 2, 4, 4))
+    assert torch.all(out == (0.0 if relu else -1.0))

@@ -137,7 +137,9 @@ class GlobalOptions(PrototypeOptions):
     # level); "all" divides the sum over levels by the covered cells of all levels (FGFI's N_p), so the
     # fine levels, which hold most cells, carry most of the term
     feat_norm: Literal["level", "all"] = "level"
-    adapter: Literal["conv1x1_relu", "conv3x3"] = "conv1x1_relu"
+    # H of Eq. 7: the paper's 1x1 conv + ReLU; "conv1x1" drops the ReLU, whose output cannot reach the negative
+    # values of a teacher's FPN map (a floor under the term); "conv3x3": the authors' code
+    adapter: Literal["conv1x1_relu", "conv1x1", "conv3x3"] = "conv1x1_relu"
     defeat_fg: float = 1.0  # feat_loss defeat: foreground / background weights (authors' code)
     defeat_bg: float = 4.0
     temperature: float = 2.0
@@ -635,7 +637,7 @@ class GlobalKD(PrototypeDistiller):
         self.use_feat = opts.use_feat and opts.a_feat != 0
         self.use_resp = opts.use_resp and opts.a_resp != 0
         if self.use_feat:
-            kind, relu = ("conv1x1", True) if opts.adapter == "conv1x1_relu" else ("conv3x3", False)
+            kind, relu = ("conv1x1", True) if opts.adapter == "conv1x1_relu" else (opts.adapter, False)
             self.adapters = build_adapters(student_channels, teacher_channels, kind, relu=relu,
                                            where="global.options.adapter")
         if not opts.decay_resp:  # the authors decay the feature and pair terms, not the RoI-score KL
