@@ -1,4 +1,5 @@
-"""The method comparison of benchmarks/RESULTS.md: `detkd bench` on the digits protocol of both families.
+"""The method comparison of benchmarks/RESULTS.md: `detkd bench` on the fixed-budget digits protocol of both
+families (Faster R-CNN and FCOS).
 
     python benchmarks/bench_methods.py                         # both digits benches, then the figures
     python benchmarks/bench_methods.py configs/bench/voc_faster_rcnn.yaml   # any bench file (GPU ones too)
@@ -22,7 +23,7 @@ from machine import cpu_name  # noqa: E402
 
 from detkd.bench import BenchError, load_bench, run_bench  # noqa: E402
 
-DIGITS = ["configs/bench/digits_faster_rcnn.yaml", "configs/bench/digits_retinanet.yaml"]
+DIGITS = ["configs/bench/digits_faster_rcnn.yaml", "configs/bench/digits_fcos.yaml"]
 
 
 def main() -> int:
