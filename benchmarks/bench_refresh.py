@@ -59,8 +59,8 @@ def load_cfg(arch: str, data_root: str, teacher_ckpt: str, workers: int, cap: in
 
 
 def untrained_teacher(cfg, path: Path) -> str:
-    from detkd.engine.checkpoint import save_checkpoint
     from detkd.models import build_detector
+    from detkd.runtime.checkpoint import save_checkpoint
 
     if not path.exists():
         torch.manual_seed(0)

@@ -260,8 +260,8 @@ def spawn(args: dict, memory: bool) -> dict:
 def prepare(tmp: Path, archs: list[str], train_images: int) -> tuple[str, dict[str, str]]:
     """Digits data in ``tmp`` and an untrained teacher checkpoint per family (the cost does not depend on
     the teacher's training)."""
-    from detkd.engine.checkpoint import save_checkpoint
     from detkd.models import build_detector
+    from detkd.runtime.checkpoint import save_checkpoint
 
     data_root = str(tmp / "digits")
     teachers = {}

@@ -156,8 +156,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from detkd.engine import trainer
-    from detkd.engine.checkpoint import save_checkpoint
     from detkd.models import build_detector
+    from detkd.runtime.checkpoint import save_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="detkd_soak_"))
     atexit.register(shutil.rmtree, tmp, True)  # data, teacher and checkpoints: about 0.5 GB

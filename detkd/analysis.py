@@ -65,7 +65,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from detkd.config import Config, ConfigError
-from detkd.utils import atomic_write_text, info
+from detkd.runtime.console import info
+from detkd.runtime.files import atomic_write_text
 
 KINDS = ("prototypes", "random", "kmeans")
 RELATIONS = ("cosine", "projection")
@@ -422,7 +423,7 @@ def grid_size(rows: int, cols: int, cell: int = CELL) -> tuple[int, int]:
 def parse_model_specs(items: Sequence[str]) -> list[tuple[str, str]]:
     """``["LABEL=CHECKPOINT", ...]`` -> [(label, path), ...]; a clear ConfigError for a malformed item or a
     repeated label (the path is split at the first ``=``), a CheckpointError for a missing file."""
-    from detkd.engine.checkpoint import CheckpointError
+    from detkd.runtime.checkpoint import CheckpointError
 
     out: list[tuple[str, str]] = []
     for item in items:
@@ -441,8 +442,8 @@ def parse_model_specs(items: Sequence[str]) -> list[tuple[str, str]]:
 def load_model(cfg: Config, checkpoint: str, label: str) -> nn.Module:
     """The detector of ``checkpoint`` in eval mode: the student model of ``cfg`` (``model``), or, when the
     weights do not fit it, the teacher model (``distill.teacher``)."""
-    from detkd.engine.checkpoint import CheckpointError
     from detkd.prototype_export import load_student
+    from detkd.runtime.checkpoint import CheckpointError
 
     try:
         return load_student(cfg, checkpoint).eval()

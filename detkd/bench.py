@@ -47,7 +47,8 @@ from detkd.config import (
 )
 from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import FINAL_METRICS
-from detkd.utils import atomic_write_text, info
+from detkd.runtime.console import info
+from detkd.runtime.files import atomic_write_text
 
 METRICS = ["mAP", "AP50", "AP75", "APs", "APm", "APl"]
 

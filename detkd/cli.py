@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from detkd.engine.checkpoint import CheckpointError
+    from detkd.runtime.checkpoint import CheckpointError
 
     known: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
     try:

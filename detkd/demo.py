@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from detkd.config import DataConfig, DigitsConfig, ModelConfig, TrainConfig, to_dict
-from detkd.utils import atomic_write_text, info
+from detkd.runtime.console import info
+from detkd.runtime.files import atomic_write_text
 
 DEMO_THREADS = 2  # fixed, so that a machine prints the same table every time (any core count gives the same)
 DEMO_GLOBAL: dict[str, Any] = {}  # options of the demo's global row beyond the paper's defaults

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from detkd.config import ConfigError, ModelConfig, from_dict
-from detkd.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from detkd.utils import atomic_write_text
+from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from detkd.runtime.files import atomic_write_text
 
 
 def _pick_checkpoint(run_dir: Path, name: str) -> Path:

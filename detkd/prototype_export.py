@@ -31,7 +31,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from detkd.config import Config, ConfigError, to_dict
-from detkd.utils import atomic_write_text, info
+from detkd.runtime.console import info
+from detkd.runtime.files import atomic_write_text
 
 CELL = 96  # px of one gallery crop (its longer side)
 GAP = 4  # px between cells
@@ -59,8 +60,8 @@ def prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
 
 def load_student(cfg: Config, checkpoint: str) -> nn.Module:
     """The student of ``cfg.model`` with the weights of ``checkpoint`` (detkd checkpoint or plain state dict)."""
-    from detkd.engine.checkpoint import CheckpointError
     from detkd.models import build_detector, checkpoint_state_dict, load_checked
+    from detkd.runtime.checkpoint import CheckpointError
 
     if not Path(checkpoint).is_file():
         raise CheckpointError(f"--checkpoint: student checkpoint not found: {checkpoint}")
@@ -75,9 +76,9 @@ def load_student(cfg: Config, checkpoint: str) -> nn.Module:
 
 def load_teacher(cfg: Config) -> nn.Module:
     """The frozen teacher of ``cfg.distill`` (model ``teacher``, weights ``teacher_checkpoint``), eval mode."""
-    from detkd.engine.checkpoint import CheckpointError
     from detkd.engine.trainer import _with_weights
     from detkd.models import build_detector, check_pair
+    from detkd.runtime.checkpoint import CheckpointError
 
     dc = cfg.distill
     check_pair(dc.teacher, cfg.model)
@@ -198,9 +199,9 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     exactly as a training epoch would, and write ``prototypes.pt``, ``prototypes.json`` and one
     ``gallery_level{L}.png`` per pyramid level to ``out`` (see the module docstring). Returns ``out``."""
     from detkd.distill.base import DistillContext, build_distiller
-    from detkd.engine import dist
     from detkd.engine.trainer import _feature_loader, resolve_device
     from detkd.models import feature_channels, pyramid_levels
+    from detkd.runtime import dist
 
     t_start = time.perf_counter()
     if cfg.distill is None:

@@ -84,8 +84,8 @@ def random_global_pair(root: Path, teacher_fpn: int, student_fpn: int, k: int, t
     import yaml
 
     from detkd.config import to_dict
-    from detkd.engine.checkpoint import save_checkpoint
     from detkd.models import build_detector
+    from detkd.runtime.checkpoint import save_checkpoint
 
     torch.manual_seed(1)
     teacher_cfg = tiny_model("retinanet", fpn=teacher_fpn)

@@ -33,8 +33,8 @@ from detkd.analysis import (
 )
 from detkd.cli import main
 from detkd.config import ConfigError, to_dict
-from detkd.engine.checkpoint import CheckpointError
 from detkd.models import build_detector
+from detkd.runtime.checkpoint import CheckpointError
 from tests.engine_helpers import random_global_pair, tiny_config, tiny_model
 
 # ----------------------------------------------------------------------------------------------------------

@@ -350,8 +350,8 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    from detkd.engine.checkpoint import save_checkpoint
     from detkd.models import build_detector
+    from detkd.runtime.checkpoint import save_checkpoint
     from tests.engine_helpers import tiny_model
 
     torch.manual_seed(1)
@@ -362,9 +362,9 @@ def teacher(tmp_path_factory):
 
 @pytest.mark.parametrize("name", NEW)
 def test_distill_runs_through_the_training_loop(name, data_root, teacher, tmp_path):
-    from detkd.engine.checkpoint import load_checkpoint
     from detkd.engine.logger import read_jsonl
     from detkd.engine.trainer import fit
+    from detkd.runtime.checkpoint import load_checkpoint
     from tests.engine_helpers import tiny_config, with_distill
 
     cfg = with_distill(tiny_config(data_root, tmp_path / "run", arch="faster_rcnn", train_images=8), teacher,
@@ -386,8 +386,8 @@ def test_mgd_resumed_run_equals_uninterrupted_run(data_root, teacher, tmp_path):
     1 + 1 resumed end with the same student and generators."""
     import copy
 
-    from detkd.engine.checkpoint import load_checkpoint
     from detkd.engine.trainer import fit
+    from detkd.runtime.checkpoint import load_checkpoint
     from tests.engine_helpers import tiny_config, with_distill
 
     straight = with_distill(tiny_config(data_root, tmp_path / "straight", arch="faster_rcnn", epochs=2,

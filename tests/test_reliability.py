@@ -2,7 +2,7 @@
 worker and disk hygiene.
 
 The faults are real: ``python -m detkd.cli`` subprocesses kill themselves with SIGKILL (or stop with
-SIGSTOP) at named points (:mod:`detkd.engine.faults`), and the next run continues with ``--resume``.
+SIGSTOP) at named points (:mod:`detkd.runtime.faults`), and the next run continues with ``--resume``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from detkd.cli import main
 from detkd.config import ConfigError, DataConfig, MethodConfig, load_config, to_dict
 from detkd.data import DataError, build_dataset
 from detkd.distill.base import build_distiller
-from detkd.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import DistillStep, NonFiniteLossError, fit
 from detkd.models import build_detector
+from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.engine_helpers import tiny_config, tiny_model, with_distill
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from detkd.utils import info
+from detkd.runtime.console import info
 
 # Boxes that reach at most this far (px) outside the image are clipped silently: annotation tools and
 # COCO itself round coordinates, so a box ending at x = width + 0.3 is not an error.

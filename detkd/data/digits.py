@@ -35,7 +35,7 @@ from PIL import Image
 
 from detkd.config import DigitsConfig
 from detkd.data.common import DataError, DataFileNotFoundError
-from detkd.utils import info
+from detkd.runtime.console import info
 
 GENERATOR_VERSION = 1
 MARKER = "digits.json"

@@ -90,7 +90,7 @@ from detkd.distill.common import (
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
 from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features_levels
-from detkd.engine.faults import fault_point
+from detkd.runtime.faults import fault_point
 from detkd.taps import TapRequest, Taps, box_levels, pool_levels
 
 GeneratorName = Literal[

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from detkd.config import ConfigError
 from detkd.distill.base import Distiller, register
 from detkd.distill.common import build_adapters, check_levels, resolve_adapter, select_levels
-from detkd.engine import dist
+from detkd.runtime import dist
 from detkd.taps import TapRequest, Taps
 
 

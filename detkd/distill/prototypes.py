@@ -30,7 +30,7 @@ Decisions this module makes (the paper leaves them open):
 - **Teacher features** are computed once and cached (the teacher is fixed); the student's are recomputed
   at every refresh for exactly the cached instances (matched by (image id, box index)).
 - **Distributed.** The cap's winners are found from every rank's candidates (:func:`select_images`); every
-  rank extracts its shard, :func:`detkd.engine.dist.all_gather_cat` joins them,
+  rank extracts its shard, :func:`detkd.runtime.dist.all_gather_cat` joins them,
   instances are sorted by key (and deduplicated: DistributedSampler pads by repeating images), so every
   rank holds the same pool. The (level, class) selections are split across ranks and shared with
   ``all_gather_objects``; nothing is written to disk.
@@ -385,7 +385,7 @@ def select_images(eligible: dict[int, list[int]], cap: int, seed: int) -> set[tu
     instance of it, over ALL ranks (``eligible``: this rank's image id -> eligible instance labels). Each rank
     sends only its own bottom-``cap`` per class, which holds every global winner of its shard; the result
     is the same for any number of ranks and loader order. None = no cap (keep everything)."""
-    from detkd.engine.dist import all_gather_objects
+    from detkd.runtime.dist import all_gather_objects
 
     if cap <= 0:
         return None
@@ -509,7 +509,7 @@ class PrototypeBank:
         ``device`` is where the generator runs. Under DDP the (level, class) jobs are split across ranks
         and the results shared, so every rank ends with the same bank.
         """
-        from detkd.engine.dist import all_gather_objects, is_main, rank, world_size
+        from detkd.runtime.dist import all_gather_objects, is_main, rank, world_size
 
         if len(feats_t) != len(feats_s):
             raise ValueError(f"build_from_features: {len(feats_t)} teacher levels but {len(feats_s)} student")
@@ -555,7 +555,7 @@ class PrototypeBank:
         otherwise from one pass over the loader's targets (``min_box`` > 0: boxes in the student's input
         frame, through :func:`detkd.taps.transform_batch`). No detector runs.
         """
-        from detkd.engine.dist import rank
+        from detkd.runtime.dist import rank
         from detkd.taps import transform_batch
 
         out: Wanted = {}
@@ -592,7 +592,7 @@ class PrototypeBank:
         """(images, targets, image ids) of the images holding a wanted instance, each image once; no other
         image reaches a detector. With ``index``: a loader over just those data set items (full batches,
         nothing else decoded); otherwise ``context.loader``'s batches sliced to them (empty ones skipped)."""
-        from detkd.engine.dist import is_main, rank
+        from detkd.runtime.dist import is_main, rank
 
         bar = None
         if is_main():
@@ -691,7 +691,7 @@ class PrototypeBank:
         (:meth:`_plan`: eligible boxes, images-per-class cap), later the cached ones; only the images
         holding one are forwarded. :meth:`refresh` is this followed by :meth:`build_from_features`.
         """
-        from detkd.engine.dist import all_gather_cat, all_gather_objects
+        from detkd.runtime.dist import all_gather_cat, all_gather_objects
 
         t0 = time.perf_counter()
         first = self._teacher_cache is None

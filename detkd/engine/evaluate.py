@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from detkd.engine import dist
-from detkd.engine.faults import fault_point
 from detkd.engine.logger import Progress
+from detkd.runtime import dist
+from detkd.runtime.faults import fault_point
 
 
 def shutdown_workers(batches: Any) -> None:

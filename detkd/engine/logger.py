@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detkd.engine.dist import is_main
-from detkd.utils import info
+from detkd.runtime.console import info
+from detkd.runtime.dist import is_main
 
 
 class RunLogger:

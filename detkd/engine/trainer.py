@@ -24,19 +24,21 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler
 
 from detkd.config import Config, ConfigError, to_dict
-from detkd.engine import dist
-from detkd.engine.checkpoint import (
+from detkd.engine.evaluate import evaluate_model, shutdown_workers
+from detkd.engine.logger import Progress, RunLogger
+from detkd.engine.schedule import build_optimizer, build_scheduler
+from detkd.runtime import dist
+from detkd.runtime.checkpoint import (
     first_non_finite,
     latest_checkpoint,
     remove_partial_checkpoints,
     rotate_epoch_checkpoints,
     save_checkpoint,
 )
-from detkd.engine.evaluate import evaluate_model, shutdown_workers
-from detkd.engine.faults import fault_point
-from detkd.engine.logger import Progress, RunLogger
-from detkd.engine.schedule import build_optimizer, build_scheduler
-from detkd.utils import atomic_write_text, info, seed_everything
+from detkd.runtime.console import info
+from detkd.runtime.faults import fault_point
+from detkd.runtime.files import atomic_write_text
+from detkd.runtime.seed import seed_everything
 
 
 class RunStopped(RuntimeError):
@@ -444,7 +446,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     """Train (or distil, when ``cfg.distill`` is set) and return the final evaluation metrics.
 
     ``resume`` continues the run in ``cfg.output_dir`` from its newest complete checkpoint (module
-    :mod:`detkd.engine.checkpoint`): epoch and position in the epoch, weights, optimizer, scheduler, AMP
+    :mod:`detkd.runtime.checkpoint`): epoch and position in the epoch, weights, optimizer, scheduler, AMP
     scaler, every rank's RNG state and the distillers' state (prototypes).
     """
     device = dist.init_from_env(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)

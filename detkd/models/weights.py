@@ -20,8 +20,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from detkd.engine.checkpoint import CheckpointError, load_checkpoint
-from detkd.utils import info
+from detkd.runtime.checkpoint import CheckpointError, load_checkpoint
+from detkd.runtime.console import info
 
 DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation; a download that stalls longer fails
 _WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")

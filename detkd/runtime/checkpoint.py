@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from detkd.utils import atomic_write_bytes, info, partial_files
+from detkd.runtime.console import info
+from detkd.runtime.files import atomic_write_bytes, partial_files
 
 
 class CheckpointError(RuntimeError):

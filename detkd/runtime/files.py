@@ -1,30 +1,12 @@
-"""Small shared helpers: rank-0 printing, seeding, atomic file writes."""
+"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
 import os
-import random
-import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from detkd.engine.dist import is_main
-from detkd.engine.faults import fault_point
-
-
-def info(msg: str) -> None:
-    """Print a progress/status line once (rank 0), flushed so logs stay in order."""
-    if is_main():
-        print(msg, file=sys.stderr, flush=True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from detkd.runtime.faults import fault_point
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -1,0 +1,14 @@
+"""Seeding every random number generator a run draws from (Python, NumPy, torch)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
