@@ -68,10 +68,41 @@ class DataConfig:
     digits: DigitsConfig = field(default_factory=DigitsConfig)  # format digits: generation parameters
 
 
+# torchvision's COCO detectors that ``model.torchvision`` names: family, backbone and FPN width of each (the
+# rest of the layout, heads and anchors included, is torchvision's; see detkd.models.torchvision_build)
+TORCHVISION_MODELS: dict[str, tuple[str, str, int]] = {
+    "fasterrcnn_resnet50_fpn": ("faster_rcnn", "resnet50", 256),
+    "fasterrcnn_resnet50_fpn_v2": ("faster_rcnn", "resnet50", 256),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("faster_rcnn", "mobilenet_v3_large", 256),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ("faster_rcnn", "mobilenet_v3_large", 256),
+    "retinanet_resnet50_fpn": ("retinanet", "resnet50", 256),
+    "retinanet_resnet50_fpn_v2": ("retinanet", "resnet50", 256),
+    "fcos_resnet50_fpn": ("fcos", "resnet50", 256),
+}
+# keys that a torchvision model fixes: a config may repeat them only with the model's own value
+TORCHVISION_IMPLIED = ("arch", "backbone", "fpn_channels", "anchor_sizes", "head_norm")
+
+
 @dataclass
 class ModelConfig:
-    """A torchvision detector (see :func:`detkd.models.build_detector`)."""
+    """A torchvision detector (see :func:`detkd.models.build_detector`).
 
+    ``torchvision`` names one of torchvision's COCO detectors (``fasterrcnn_resnet50_fpn_v2``...): the model
+    is then built exactly as torchvision builds it, so its published weights load key by key, and ``arch``,
+    ``backbone``, ``fpn_channels``, anchors and heads follow from the name. Empty: detkd's own layout
+    (any ResNet / MobileNetV3 width and depth), described by the keys below.
+    """
+
+    torchvision: Literal[
+        "",
+        "fasterrcnn_resnet50_fpn",
+        "fasterrcnn_resnet50_fpn_v2",
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "retinanet_resnet50_fpn",
+        "retinanet_resnet50_fpn_v2",
+        "fcos_resnet50_fpn",
+    ] = ""  # a torchvision COCO detector, built as torchvision builds it; empty = detkd's layout
     arch: Literal["faster_rcnn", "retinanet", "fcos"] = "retinanet"  # detector family
     backbone: Literal[
         "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v3_large"
@@ -96,6 +127,11 @@ class ModelConfig:
     box_positive_fraction: float = 0.25  # share of positive RoIs in that sample
     score_thresh: float = 0.05  # detections below this score are dropped
     detections_per_img: int = 100  # detections kept per image
+
+    def __post_init__(self) -> None:
+        # a torchvision model fixes its family, backbone and width: set them, so code reading cfg.arch works
+        if self.torchvision in TORCHVISION_MODELS:
+            self.arch, self.backbone, self.fpn_channels = TORCHVISION_MODELS[self.torchvision]  # type: ignore[assignment]
 
 
 @dataclass
@@ -350,10 +386,31 @@ def _expand_home(cfg: Config) -> Config:
     return cfg
 
 
+def check_torchvision_keys(model: Any, path: str) -> None:
+    """A model section naming ``torchvision:`` may repeat the keys that model fixes (arch, backbone...) only
+    with the model's own values: a config saying ``arch: retinanet`` next to a Faster R-CNN is an error."""
+    if not isinstance(model, dict) or not model.get("torchvision"):
+        return
+    name = model["torchvision"]
+    if name not in TORCHVISION_MODELS:
+        return  # from_dict reports the unknown name with the valid choices
+    arch, backbone, width = TORCHVISION_MODELS[name]
+    implied = {"arch": arch, "backbone": backbone, "fpn_channels": width, "anchor_sizes": [],
+               "head_norm": "gn" if name == "retinanet_resnet50_fpn_v2" else "none"}
+    for key in TORCHVISION_IMPLIED:
+        if key in model and model[key] != implied[key] and not (key == "head_norm" and model[key] == "none"):
+            raise ConfigError(
+                f"{path}.{key}: {model[key]!r} contradicts {path}.torchvision {name!r}, which fixes "
+                f"{key} = {implied[key]!r} (leave {key} out, or drop torchvision for detkd's own layout)"
+            )
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
+    check_torchvision_keys(raw.get("model"), "model")
     if isinstance(raw.get("distill"), dict):
         raw["distill"] = _normalise_methods(raw["distill"])
+        check_torchvision_keys(raw["distill"].get("teacher"), "distill.teacher")
     return validate(_expand_home(_apply_presets(from_dict(Config, raw))))
 
 
