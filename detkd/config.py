@@ -162,6 +162,22 @@ class TrainConfig:
     dist_timeout_s: int = 600  # DDP: a collective waiting longer for another rank fails the run
 
 
+COCO_MAX_DETS = [1, 10, 100]
+
+
+@dataclass
+class EvalConfig:
+    """How detections are scored (see :mod:`detkd.evaluation`).
+
+    ``max_dets``: COCO's maximum detections per image, three increasing counts; AP and the per-size AR use
+    the last, and the three AR metrics are named after them (``AR1 AR10 AR100`` by default). COCO's 100
+    caps recall for scenes with more objects: for dense data set the last count, and
+    ``model.detections_per_img``, to at least the most objects an image holds (docs/data.md).
+    """
+
+    max_dets: list[int] = field(default_factory=lambda: list(COCO_MAX_DETS))  # COCO maxDets; last one for AP
+
+
 @dataclass
 class MethodConfig:
     """One distiller of a run: its registry name, its weight, and its own options."""
@@ -189,6 +205,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # see data
     model: ModelConfig = field(default_factory=ModelConfig)  # the detector trained (the student)
     train: TrainConfig = field(default_factory=TrainConfig)  # see train
+    eval: EvalConfig = field(default_factory=EvalConfig)  # see eval
     distill: DistillConfig | None = None  # present: `detkd distill` trains against a teacher
     output_dir: str = "runs/default"  # run folder: checkpoints, logs, config
 
@@ -333,6 +350,21 @@ def _apply_presets(cfg: Config) -> Config:
     return cfg
 
 
+def check_max_dets(max_dets: list[int], detections_per_img: int) -> None:
+    """``eval.max_dets`` is three increasing positive counts, and the model returns no more detections per
+    image than the evaluation counts (those past the last count would be dropped unscored)."""
+    if len(max_dets) != 3 or min(max_dets) < 1 or sorted(set(max_dets)) != list(max_dets):
+        raise ConfigError(f"eval.max_dets: expected three increasing positive counts like {COCO_MAX_DETS}, "
+                          f"got {max_dets}")
+    if detections_per_img > max_dets[-1]:
+        raise ConfigError(
+            f"model.detections_per_img ({detections_per_img}) exceeds eval.max_dets' last count "
+            f"({max_dets[-1]}): the evaluation would ignore the lowest-scored {detections_per_img - max_dets[-1]} "
+            f"detections of a full image; raise eval.max_dets to [{max_dets[0]}, {max_dets[1]}, "
+            f"{detections_per_img}] (dense data) or lower detections_per_img"
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; each error names the key."""
     checks = [
@@ -354,6 +386,7 @@ def validate(cfg: Config) -> Config:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    check_max_dets(cfg.eval.max_dets, cfg.model.detections_per_img)
     if cfg.distill is not None:
         if cfg.distill.balance < 0:
             raise ConfigError(f"distill.balance must be >= 0, got {cfg.distill.balance}")

@@ -572,7 +572,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
 
             last_epoch = state.epoch == cfg.train.epochs
             if (cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0) or last_epoch:
-                metrics = evaluate_model(step.student, val_loader, coco_gt, device, progress)
+                metrics = evaluate_model(step.student, val_loader, coco_gt, device, progress, cfg.eval.max_dets)
                 metrics["epoch"] = state.epoch
                 logger.log({"kind": "eval", **metrics}, state.iteration)
                 info(f"epoch {state.epoch}/{cfg.train.epochs}: mAP {metrics['mAP']:.4f} AP50 {metrics['AP50']:.4f} "
@@ -699,4 +699,4 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, progress: bool = True) -> 
     val_set = build_dataset(cfg.data, "val", cfg.model)
     loader = build_loader(val_set, cfg.data.batch_size, cfg.data.workers, shuffle=False,
                           sampler=ShardSampler(len(val_set), dist.rank(), dist.world_size()))
-    return evaluate_model(model, loader, val_set.coco_gt(), device, progress)
+    return evaluate_model(model, loader, val_set.coco_gt(), device, progress, cfg.eval.max_dets)
