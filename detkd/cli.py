@@ -77,6 +77,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    from detkd.config import list_shipped_configs, shipped_configs
+
+    print(f"# shipped configs in {shipped_configs()}; run one by name: detkd train digits/retinanet_r18_student")
+    for name in list_shipped_configs():
+        print(name)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from detkd.predict import predict_images
 
@@ -216,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchscript", action="store_true")
     p.add_argument("--onnx", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("configs", help="list the configs shipped with detkd (usable by name without a clone)")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("predict", help="run a trained detector on image files or folders: drawn images and "
                        "a COCO-results JSON")

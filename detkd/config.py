@@ -492,8 +492,49 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merge(load_raw(path.parent / base, (*_seen, path)), raw)
 
 
+def shipped_configs() -> Path | None:
+    """The folder of the configs shipped with detkd: ``detkd/configs`` in an installed package (the
+    repository's ``configs/``, see pyproject.toml), else the ``configs/`` folder of a clone."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def list_shipped_configs() -> list[str]:
+    """Names of the shipped configs (``digits/retinanet_r18_student.yaml``...), without ``_base`` files."""
+    folder = shipped_configs()
+    if folder is None:
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the shipped config of that name (``digits/fcos_r18_student``,
+    with or without ``.yaml`` and a leading ``configs/``), so an installed detkd runs its configs without a
+    clone. A path found nowhere is returned as given (loading it then says it was not found)."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    folder = shipped_configs()
+    name = str(path)
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    if folder is not None:
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return given
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load (following ``base:``), override and validate a config file. Errors name the file and the key."""
+    """Load (following ``base:``), override and validate a config file, or a shipped config by name
+    (:func:`resolve_config_path`). Errors name the file and the key."""
+    path = resolve_config_path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (nor a shipped config of that name; `detkd configs` "
+                          f"lists them)")
     raw = apply_overrides(load_raw(path), overrides or [])
     try:
         return config_from_dict(raw)

@@ -36,7 +36,7 @@ def test_v2_teacher_to_mobilenet_student_distils_a_few_steps(v2_teacher, tmp_pat
     cfg = tiny_config(tmp_path / "data", tmp_path / "run", arch="faster_rcnn", train_images=4)
     cfg.data.batch_size = 2
     cfg.model = zoo("fasterrcnn_mobilenet_v3_large_fpn")
-    cfg = with_distill(cfg, v2_teacher, [MethodConfig("fitnet"), MethodConfig("kd")])
+    cfg = with_distill(cfg, v2_teacher, [MethodConfig("pkd"), MethodConfig("kd")])
     cfg.distill.teacher = zoo("fasterrcnn_resnet50_fpn_v2")
     metrics = fit(cfg, progress=False)
 
@@ -46,7 +46,7 @@ def test_v2_teacher_to_mobilenet_student_distils_a_few_steps(v2_teacher, tmp_pat
     train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(train) == 2  # 4 images, batch 2, one epoch
     for rec in train:
-        kd_terms = {k: v for k, v in rec.items() if "fitnet" in k or "kd" in k}
+        kd_terms = {k: v for k, v in rec.items() if "pkd" in k or "kd" in k}
         assert kd_terms and all(math.isfinite(v) for v in kd_terms.values())
         assert any(v > 0 for v in kd_terms.values())
     assert "mAP" in metrics
