@@ -489,7 +489,12 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
-    return merge(load_raw(path.parent / base, (*_seen, path)), raw)
+    base_path = path.parent / base
+    if not base_path.is_file():
+        base_path = resolve_config_path(base)  # a shipped config by name (``base: voc/tv_faster_rcnn_r50_v2``)
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base: {base} is neither a file next to it nor a shipped config")
+    return merge(load_raw(base_path, (*_seen, path)), raw)
 
 
 def shipped_configs() -> Path | None:

@@ -26,6 +26,16 @@ def test_shipped_config_by_name_from_any_folder(tmp_path, monkeypatch):
     assert "custom_coco/tv_faster_rcnn_r50_v2_mobilenet_pkd.yaml" in list_shipped_configs()
     assert not any(Path(n).name.startswith("_") for n in list_shipped_configs())
 
+    # the README's recipe: a shipped config by name, the class count overridden for student and teacher
+    cfg = load_config("custom_coco/tv_faster_rcnn_r50_v2_mobilenet_pkd",
+                      ["data.root=data/my_data", "model.num_classes=5", "distill.teacher.num_classes=5"])
+    assert (cfg.model.num_classes, cfg.distill.teacher.num_classes) == (5, 5)
+    assert cfg.distill.teacher_checkpoint == "runs/my_data/tv_faster_rcnn_r50_v2/best.pt"
+    # a user's own file may take a shipped config as its base
+    (tmp_path / "mine.yaml").write_text("base: custom_coco/tv_faster_rcnn_mobilenet\nmodel:\n  num_classes: 7\n")
+    mine = load_config(tmp_path / "mine.yaml")
+    assert mine.model.torchvision == "fasterrcnn_mobilenet_v3_large_fpn" and mine.model.num_classes == 7
+
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the tracked files")
 def test_installed_wheel_trains_a_shipped_config_by_name(tmp_path):
