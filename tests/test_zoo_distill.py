@@ -62,3 +62,17 @@ def test_a_pair_without_shared_strides_or_outputs_fails_at_start_up(v2_teacher, 
     with pytest.raises(ConfigError, match=r"\(kd\): needs the dense per-anchor head outputs.*teacher "
                                           r"fasterrcnn_resnet50_fpn_v2 / student retinanet resnet18"):
         build_models(cfg, torch.device("cpu"))
+
+
+def test_prototype_method_on_differing_pyramids(v2_teacher, tmp_path):
+    # the global method taps both detectors itself at every epoch start (prototype refresh): paired levels too
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", arch="faster_rcnn", train_images=4)
+    cfg.data.batch_size = 2
+    cfg.model = zoo("fasterrcnn_mobilenet_v3_large_fpn")
+    cfg = with_distill(cfg, v2_teacher, [MethodConfig("global", options={"k": 1})])
+    cfg.distill.teacher = zoo("fasterrcnn_resnet50_fpn_v2")
+    fit(cfg, progress=False)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    terms = [v for r in train for k, v in r.items() if k.startswith("global")]
+    assert terms and all(math.isfinite(v) for v in terms)

@@ -209,14 +209,7 @@ def resolve_device(name: str, timeout_s: int = 600) -> torch.device:
 def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module | None, DistillStep]:
     """Student, frozen teacher (or None) and the step module, all on ``device``."""
     from detkd.distill.base import build_distiller
-    from detkd.models import (
-        build_detector,
-        check_pair,
-        describe_levels,
-        feature_channels,
-        pair_levels,
-        pyramid_strides,
-    )
+    from detkd.models import build_detector, check_pair, paired_channels
     from detkd.models.weights import check_checkpoint_fits
 
     student = build_detector(cfg.model)
@@ -248,23 +241,17 @@ def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Modul
         info(f"inherit: copied {n} neck/head tensors from the teacher (shapes that match)")
 
     # feature distillers compare levels of equal stride: pyramids differ (P2-P6, P3-P7, MobileNetV3's 3 levels)
-    t_strides, s_strides = pyramid_strides(teacher), pyramid_strides(student)
-    pairs = pair_levels(t_strides, s_strides, "distill")
-    info(f"paired levels: teacher {describe_levels(t_strides)} with student {describe_levels(s_strides)}: "
-         f"strides {','.join(str(s_strides[j]) for _, j in pairs)}")
-    t_ch = [feature_channels(teacher)[i] for i, _ in pairs]
-    s_ch = [feature_channels(student)[j] for _, j in pairs]
+    pairs, t_ch, s_ch = paired_channels(teacher, student, "distill")
+    all_pairs = pairs or [(i, i) for i in range(len(t_ch))]
     distillers = nn.ModuleList(
         build_distiller(m.name, m.options, t_ch, s_ch, cfg.model.arch, where=f"distill.methods[{i}]")
         for i, m in enumerate(dc.methods)
     )
-    check_requests(distillers, teacher, student, pairs, _describe_model(dc.teacher), _describe_model(cfg.model))
+    check_requests(distillers, teacher, student, all_pairs, _describe_model(dc.teacher), _describe_model(cfg.model))
     weights = [m.weight for m in dc.methods]
     teacher.to(device)
     student.to(device)
-    whole = len(t_strides) == len(s_strides) and pairs == [(i, i) for i in range(len(s_strides))]
-    step = DistillStep(student, distillers.to(device), weights, teacher, balance=dc.balance,
-                       pairs=None if whole else pairs)
+    step = DistillStep(student, distillers.to(device), weights, teacher, balance=dc.balance, pairs=pairs)
     return student, teacher, step
 
 
@@ -611,7 +598,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
                 from detkd.distill.base import DistillContext
 
                 ctx = DistillContext(teacher=teacher, student=step.student, loader=context_loader, device=device,
-                                     epoch=epoch, epochs=cfg.train.epochs,
+                                     epoch=epoch, epochs=cfg.train.epochs, pairs=step.pairs,
                                      log=lambda d, e=epoch: logger.log({"kind": "distill", "epoch": e, **d},
                                                                        state.iteration))
                 for d in step.distillers:

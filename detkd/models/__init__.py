@@ -11,6 +11,7 @@ from detkd.models.build import (
     detector_arch,
     feature_channels,
     pair_levels,
+    paired_channels,
     pyramid_levels,
     pyramid_strides,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "feature_channels",
     "load_checked",
     "pair_levels",
+    "paired_channels",
     "pyramid_levels",
     "pyramid_strides",
     "read_weights",

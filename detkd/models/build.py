@@ -22,7 +22,8 @@ from detkd.models.torchvision_build import IMAGE_MEAN, IMAGE_STD, NUM_LEVELS, bu
 from detkd.models.weights import load_backbone_weights, load_detector_weights
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "MIN_PAIRED_LEVELS", "build_detector", "check_pair", "check_transforms",
-           "describe_levels", "detector_arch", "feature_channels", "pair_levels", "pyramid_levels", "pyramid_strides"]
+           "describe_levels", "detector_arch", "feature_channels", "pair_levels", "paired_channels", "pyramid_levels",
+           "pyramid_strides"]
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -174,6 +175,23 @@ def pair_levels(teacher_strides: list[int], student_strides: list[int],
             f"covers the teacher's strides)"
         )
     return pairs
+
+
+def paired_channels(teacher: nn.Module, student: nn.Module, where: str = "distill"
+                    ) -> tuple[list[tuple[int, int]] | None, list[int], list[int]]:
+    """Pair two built detectors' levels by stride (:func:`pair_levels`) and log the pairing. Returns the
+    pairs (``None`` when both pyramids are the same levels, passed whole), and the teacher's and the
+    student's channels of the paired levels, in pair order: what distillers are built for."""
+    from detkd.utils import info
+
+    t_strides, s_strides = pyramid_strides(teacher), pyramid_strides(student)
+    pairs = pair_levels(t_strides, s_strides, where)
+    info(f"paired levels: teacher {describe_levels(t_strides)} with student {describe_levels(s_strides)}: "
+         f"strides {','.join(str(s_strides[j]) for _, j in pairs)}")
+    t_ch = [feature_channels(teacher)[i] for i, _ in pairs]
+    s_ch = [feature_channels(student)[j] for _, j in pairs]
+    whole = len(t_strides) == len(s_strides) and pairs == [(i, i) for i in range(len(s_strides))]
+    return (None if whole else pairs), t_ch, s_ch
 
 
 def check_transforms(teacher: nn.Module, student: nn.Module) -> None:
