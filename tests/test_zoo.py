@@ -117,3 +117,27 @@ def test_config_names_a_torchvision_model(tmp_path):
     path.write_text(yaml.safe_dump({"model": {"torchvision": "yolo"}}))
     with pytest.raises(ConfigError, match="model.torchvision: 'yolo' is not one of"):
         load_config(path)
+
+
+def test_exported_torchvision_student_loads_without_detkd(tmp_path):
+    import importlib.util
+
+    from detkd.config import Config, to_dict
+    from detkd.engine.checkpoint import save_checkpoint
+    from detkd.export import export_student
+
+    cfg = Config(model=ModelConfig(torchvision="fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3, norm="bn",
+                                   **SIZE))
+    torch.manual_seed(3)
+    model = build_detector(cfg.model).eval()
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "last.pt", {"model": model.state_dict(), "config": to_dict(cfg)})
+    export_student(tmp_path / "run", tmp_path / "exp")
+    spec = importlib.util.spec_from_file_location("build_model", tmp_path / "exp" / "build_model.py")
+    build_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_model)  # torch + torchvision only
+    loaded = build_model.load_exported(tmp_path / "exp")
+    image = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(4))]
+    with torch.no_grad():
+        a, b = model(image)[0], loaded(image)[0]
+    assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
