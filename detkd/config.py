@@ -81,6 +81,12 @@ TORCHVISION_MODELS: dict[str, tuple[str, str, int]] = {
 }
 # keys that a torchvision model fixes: a config may repeat them only with the model's own value
 TORCHVISION_IMPLIED = ("arch", "backbone", "fpn_channels", "anchor_sizes", "head_norm")
+# the builder's own defaults where they differ from ModelConfig's, used when a config names the model and
+# leaves the key out (the 320 model is defined by its 320 px input)
+TORCHVISION_DEFAULTS: dict[str, dict[str, int]] = {
+    "fasterrcnn_mobilenet_v3_large_320_fpn": {"min_size": 320, "max_size": 640, "rpn_pre_nms_top_n_test": 150,
+                                              "rpn_post_nms_top_n_test": 150},
+}
 
 
 @dataclass
@@ -89,8 +95,9 @@ class ModelConfig:
 
     ``torchvision`` names one of torchvision's COCO detectors (``fasterrcnn_resnet50_fpn_v2``...): the model
     is then built exactly as torchvision builds it, so its published weights load key by key, and ``arch``,
-    ``backbone``, ``fpn_channels``, anchors and heads follow from the name. Empty: detkd's own layout
-    (any ResNet / MobileNetV3 width and depth), described by the keys below.
+    ``backbone``, ``fpn_channels``, anchors and heads follow from the name (its other builder defaults apply
+    where a config file leaves the key out: 320 / 640 px and 150 test proposals for the 320 model).
+    Empty: detkd's own layout (any ResNet / MobileNetV3 width and depth), described by the keys below.
     """
 
     torchvision: Literal[
@@ -419,14 +426,16 @@ def _expand_home(cfg: Config) -> Config:
     return cfg
 
 
-def check_torchvision_keys(model: Any, path: str) -> None:
+def check_torchvision_keys(model: Any, path: str) -> Any:
     """A model section naming ``torchvision:`` may repeat the keys that model fixes (arch, backbone...) only
-    with the model's own values: a config saying ``arch: retinanet`` next to a Faster R-CNN is an error."""
+    with the model's own values: a config saying ``arch: retinanet`` next to a Faster R-CNN is an error.
+    Returns the section with the builder's defaults (:data:`TORCHVISION_DEFAULTS`) for the keys it leaves
+    out."""
     if not isinstance(model, dict) or not model.get("torchvision"):
-        return
+        return model
     name = model["torchvision"]
     if name not in TORCHVISION_MODELS:
-        return  # from_dict reports the unknown name with the valid choices
+        return model  # from_dict reports the unknown name with the valid choices
     arch, backbone, width = TORCHVISION_MODELS[name]
     implied = {"arch": arch, "backbone": backbone, "fpn_channels": width, "anchor_sizes": [],
                "head_norm": "gn" if name == "retinanet_resnet50_fpn_v2" else "none"}
@@ -436,14 +445,17 @@ def check_torchvision_keys(model: Any, path: str) -> None:
                 f"{path}.{key}: {model[key]!r} contradicts {path}.torchvision {name!r}, which fixes "
                 f"{key} = {implied[key]!r} (leave {key} out, or drop torchvision for detkd's own layout)"
             )
+    return {**TORCHVISION_DEFAULTS.get(name, {}), **model}
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
-    check_torchvision_keys(raw.get("model"), "model")
+    if "model" in raw:
+        raw["model"] = check_torchvision_keys(raw["model"], "model")
     if isinstance(raw.get("distill"), dict):
         raw["distill"] = _normalise_methods(raw["distill"])
-        check_torchvision_keys(raw["distill"].get("teacher"), "distill.teacher")
+        if "teacher" in raw["distill"]:
+            raw["distill"]["teacher"] = check_torchvision_keys(raw["distill"]["teacher"], "distill.teacher")
     return validate(_expand_home(_apply_presets(from_dict(Config, raw))))
 
 

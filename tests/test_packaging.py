@@ -54,6 +54,9 @@ def test_installed_wheel_trains_a_shipped_config_by_name(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
     assert [n for n in sorted(names) if n.startswith("detkd/configs/")] == [f"detkd/{s}" for s in shipped]
+    # pyproject.toml lists the packages: a new subpackage must be added there
+    packages = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "detkd").rglob("__init__.py"))
+    assert [p for p in packages if p not in names] == []
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"), str(wheel)],
                    check=True, capture_output=True)
 

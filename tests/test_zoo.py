@@ -111,6 +111,13 @@ def test_config_names_a_torchvision_model(tmp_path):
     path.write_text(yaml.safe_dump({"model": {"torchvision": "fasterrcnn_mobilenet_v3_large_fpn", "num_classes": 20}}))
     cfg = load_config(path)
     assert (cfg.model.arch, cfg.model.backbone, cfg.model.fpn_channels) == ("faster_rcnn", "mobilenet_v3_large", 256)
+    path.write_text(yaml.safe_dump({"model": {"torchvision": "fasterrcnn_mobilenet_v3_large_320_fpn"}}))
+    small = load_config(path).model  # the builder's 320 px transform and test proposals, unless set
+    assert (small.min_size, small.max_size, small.rpn_pre_nms_top_n_test, small.rpn_post_nms_top_n_test) == (
+        320, 640, 150, 150)
+    path.write_text(yaml.safe_dump({"model": {"torchvision": "fasterrcnn_mobilenet_v3_large_320_fpn",
+                                              "min_size": 256}}))
+    assert load_config(path).model.min_size == 256
     path.write_text(yaml.safe_dump({"model": {"torchvision": "retinanet_resnet50_fpn_v2", "arch": "fcos"}}))
     with pytest.raises(ConfigError, match=r"model.arch: 'fcos' contradicts model.torchvision"):
         load_config(path)
