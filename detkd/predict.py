@@ -11,6 +11,7 @@ that cannot be read is reported and skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ def _model_from(spec: dict, state: dict, source: Path) -> tuple[nn.Module, Model
     from detkd.models import build_detector
 
     cfg = from_dict(ModelConfig, spec, f"{source}: model")
-    cfg.weights, cfg.backbone_weights = "none", "none"  # the state dict below holds every tensor
-    model = build_detector(cfg)
+    # the state dict below holds every tensor (cfg keeps its weights name: class names may come from it)
+    model = build_detector(dataclasses.replace(cfg, weights="none", backbone_weights="none"))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

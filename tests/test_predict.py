@@ -80,3 +80,15 @@ def test_predict_errors_are_named(run_dir, images, tmp_path, capsys):
     assert main(["predict", str(plain), str(images), "--out", str(tmp_path / "o")]) == 2
     assert "not a detkd training checkpoint" in capsys.readouterr().err
     assert main(["predict", str(run_dir), str(images / "broken.jpg"), "--out", str(tmp_path / "o")]) == 1
+
+
+def test_coco_names_for_a_model_with_its_coco_weights():
+    from detkd.config import ModelConfig
+    from detkd.predict import class_names_for
+
+    cfg = ModelConfig(torchvision="fasterrcnn_mobilenet_v3_large_fpn", num_classes=90,
+                      weights="FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1")
+    names = class_names_for(cfg)
+    assert names[1] == "person" and names[3] == "car"
+    cfg.num_classes = 5  # fine-tuned on other classes: numbers, unless --names says
+    assert class_names_for(cfg) == {}
