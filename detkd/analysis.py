@@ -330,7 +330,7 @@ def analyze_relations(
     from detkd.distill import load_builtin
     from detkd.distill.base import DistillContext, build_distiller
     from detkd.engine.trainer import _feature_loader, resolve_device
-    from detkd.models import feature_channels, pyramid_levels
+    from detkd.models import paired_channels, pyramid_levels
     from detkd.prototype_export import load_student, load_teacher, prototype_method
 
     t0 = time.perf_counter()
@@ -354,19 +354,22 @@ def analyze_relations(
     teacher = load_teacher(cfg)
     student = load_student(cfg, checkpoint)
     device = resolve_device(cfg.train.device)
-    distiller = build_distiller(name, options, feature_channels(teacher), feature_channels(student),
-                                cfg.model.arch, where="distill.methods (prototype method)")
+    pairs, t_ch, s_ch = paired_channels(teacher, student, "distill")
+    distiller = build_distiller(name, options, t_ch, s_ch, cfg.model.arch,
+                                where="distill.methods (prototype method)")
     opts, bank = distiller.opts, distiller.bank
     teacher.to(device)
     student.to(device)
     ctx = DistillContext(teacher=teacher, student=student, loader=_feature_loader(cfg), device=device, epoch=0,
-                         epochs=cfg.train.epochs)
+                         epochs=cfg.train.epochs, pairs=pairs)
     pool = bank.extract_pool(ctx)
     t_extract = time.perf_counter() - t0
     info(f"relations: {pool.keys.shape[0]} instances, {pool.labels.unique().numel()} classes; measuring")
     result = pool_discrepancies(pool.ft, pool.fs, pool.labels, bank.k, lam=bank.lam, normalize=opts.normalize,
                                 seed=opts.seed, kmeans_space=kmeans_space, pgm_opts=bank.gen_opts)
     level_names = pyramid_levels(student)
+    if pairs is not None:  # the bank's levels are the paired ones
+        level_names = [level_names[j] for _, j in pairs]
     out = Path(out)
     title = (f"{cfg.model.arch}: teacher {Path(cfg.distill.teacher_checkpoint).name}, student "
              f"{Path(checkpoint).name}; K={bank.k}, lambda={bank.lam:g}, all levels")

@@ -98,8 +98,11 @@ class Run:
 
 
 def load_bench(path: str | Path, overrides: list[str] | None = None) -> tuple[BenchConfig, dict[str, BenchMethod]]:
-    """Read a bench file; config paths inside it are relative to the file. Errors name the file and key."""
-    path = Path(path)
+    """Read a bench file (or a shipped one by name, like ``bench/digits_retinanet``); config paths inside it
+    are relative to the file. Errors name the file and key."""
+    from detkd.config import resolve_config_path
+
+    path = resolve_config_path(path)
     raw = apply_overrides(load_yaml(path), overrides or [])
     try:
         cfg = from_dict(BenchConfig, raw)

@@ -77,6 +77,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    from detkd.config import list_shipped_configs, shipped_configs
+
+    print(f"# shipped configs in {shipped_configs()}; run one by name: detkd train digits/retinanet_r18_student")
+    for name in list_shipped_configs():
+        print(name)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from detkd.predict import predict_images
+
+    summary = predict_images(args.model, args.inputs, args.out, score=args.score, checkpoint=args.checkpoint,
+                             device=args.device, names_file=args.names, progress=not args.quiet)
+    if summary.images == 0:
+        print(f"detkd: error: none of the {len(summary.skipped)} images could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_prototypes(args: argparse.Namespace) -> int:
     from detkd.config import load_config
     from detkd.prototype_export import export_prototypes
@@ -205,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchscript", action="store_true")
     p.add_argument("--onnx", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("configs", help="list the configs shipped with detkd (usable by name without a clone)")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("predict", help="run a trained detector on image files or folders: drawn images and "
+                       "a COCO-results JSON")
+    p.add_argument("model", help="training checkpoint (.pt), run folder, or exported student folder")
+    p.add_argument("inputs", nargs="+", help="image files and / or folders of images")
+    p.add_argument("--out", required=True, help="folder for the drawn images and detections.json")
+    p.add_argument("--score", type=float, default=0.3, help="keep detections with at least this score")
+    p.add_argument("--checkpoint", default="best.pt", help="file of a run folder (default best.pt, falling "
+                   "back to last.pt)")
+    p.add_argument("--names", help="class names: a COCO json (its categories) or a text file, one per line")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("prototypes", help="select prototypes with a trained pair and save them with a gallery")
     _add_config(p)

@@ -68,10 +68,48 @@ class DataConfig:
     digits: DigitsConfig = field(default_factory=DigitsConfig)  # format digits: generation parameters
 
 
+# torchvision's COCO detectors that ``model.torchvision`` names: family, backbone and FPN width of each (the
+# rest of the layout, heads and anchors included, is torchvision's; see detkd.models.torchvision_build)
+TORCHVISION_MODELS: dict[str, tuple[str, str, int]] = {
+    "fasterrcnn_resnet50_fpn": ("faster_rcnn", "resnet50", 256),
+    "fasterrcnn_resnet50_fpn_v2": ("faster_rcnn", "resnet50", 256),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("faster_rcnn", "mobilenet_v3_large", 256),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ("faster_rcnn", "mobilenet_v3_large", 256),
+    "retinanet_resnet50_fpn": ("retinanet", "resnet50", 256),
+    "retinanet_resnet50_fpn_v2": ("retinanet", "resnet50", 256),
+    "fcos_resnet50_fpn": ("fcos", "resnet50", 256),
+}
+# keys that a torchvision model fixes: a config may repeat them only with the model's own value
+TORCHVISION_IMPLIED = ("arch", "backbone", "fpn_channels", "anchor_sizes", "head_norm")
+# the builder's own defaults where they differ from ModelConfig's, used when a config names the model and
+# leaves the key out (the 320 model is defined by its 320 px input)
+TORCHVISION_DEFAULTS: dict[str, dict[str, int]] = {
+    "fasterrcnn_mobilenet_v3_large_320_fpn": {"min_size": 320, "max_size": 640, "rpn_pre_nms_top_n_test": 150,
+                                              "rpn_post_nms_top_n_test": 150},
+}
+
+
 @dataclass
 class ModelConfig:
-    """A torchvision detector (see :func:`detkd.models.build_detector`)."""
+    """A torchvision detector (see :func:`detkd.models.build_detector`).
 
+    ``torchvision`` names one of torchvision's COCO detectors (``fasterrcnn_resnet50_fpn_v2``...): the model
+    is then built exactly as torchvision builds it, so its published weights load key by key, and ``arch``,
+    ``backbone``, ``fpn_channels``, anchors and heads follow from the name (its other builder defaults apply
+    where a config file leaves the key out: 320 / 640 px and 150 test proposals for the 320 model).
+    Empty: detkd's own layout (any ResNet / MobileNetV3 width and depth), described by the keys below.
+    """
+
+    torchvision: Literal[
+        "",
+        "fasterrcnn_resnet50_fpn",
+        "fasterrcnn_resnet50_fpn_v2",
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "retinanet_resnet50_fpn",
+        "retinanet_resnet50_fpn_v2",
+        "fcos_resnet50_fpn",
+    ] = ""  # a torchvision COCO detector, built as torchvision builds it; empty = detkd's layout
     arch: Literal["faster_rcnn", "retinanet", "fcos"] = "retinanet"  # detector family
     backbone: Literal[
         "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v3_large"
@@ -96,6 +134,11 @@ class ModelConfig:
     box_positive_fraction: float = 0.25  # share of positive RoIs in that sample
     score_thresh: float = 0.05  # detections below this score are dropped
     detections_per_img: int = 100  # detections kept per image
+
+    def __post_init__(self) -> None:
+        # a torchvision model fixes its family, backbone and width: set them, so code reading cfg.arch works
+        if self.torchvision in TORCHVISION_MODELS:
+            self.arch, self.backbone, self.fpn_channels = TORCHVISION_MODELS[self.torchvision]  # type: ignore[assignment]
 
 
 @dataclass
@@ -126,6 +169,22 @@ class TrainConfig:
     dist_timeout_s: int = 600  # DDP: a collective waiting longer for another rank fails the run
 
 
+COCO_MAX_DETS = [1, 10, 100]
+
+
+@dataclass
+class EvalConfig:
+    """How detections are scored (see :mod:`detkd.evaluation`).
+
+    ``max_dets``: COCO's maximum detections per image, three increasing counts; AP and the per-size AR use
+    the last, and the three AR metrics are named after them (``AR1 AR10 AR100`` by default). COCO's 100
+    caps recall for scenes with more objects: for dense data set the last count, and
+    ``model.detections_per_img``, to at least the most objects an image holds (docs/data.md).
+    """
+
+    max_dets: list[int] = field(default_factory=lambda: list(COCO_MAX_DETS))  # COCO maxDets; last one for AP
+
+
 @dataclass
 class MethodConfig:
     """One distiller of a run: its registry name, its weight, and its own options."""
@@ -153,6 +212,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # see data
     model: ModelConfig = field(default_factory=ModelConfig)  # the detector trained (the student)
     train: TrainConfig = field(default_factory=TrainConfig)  # see train
+    eval: EvalConfig = field(default_factory=EvalConfig)  # see eval
     distill: DistillConfig | None = None  # present: `detkd distill` trains against a teacher
     output_dir: str = "runs/default"  # run folder: checkpoints, logs, config
 
@@ -297,6 +357,21 @@ def _apply_presets(cfg: Config) -> Config:
     return cfg
 
 
+def check_max_dets(max_dets: list[int], detections_per_img: int) -> None:
+    """``eval.max_dets`` is three increasing positive counts, and the model returns no more detections per
+    image than the evaluation counts (those past the last count would be dropped unscored)."""
+    if len(max_dets) != 3 or min(max_dets) < 1 or sorted(set(max_dets)) != list(max_dets):
+        raise ConfigError(f"eval.max_dets: expected three increasing positive counts like {COCO_MAX_DETS}, "
+                          f"got {max_dets}")
+    if detections_per_img > max_dets[-1]:
+        raise ConfigError(
+            f"model.detections_per_img ({detections_per_img}) exceeds eval.max_dets' last count "
+            f"({max_dets[-1]}): the evaluation would ignore the lowest-scored {detections_per_img - max_dets[-1]} "
+            f"detections of a full image; raise eval.max_dets to [{max_dets[0]}, {max_dets[1]}, "
+            f"{detections_per_img}] (dense data) or lower detections_per_img"
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; each error names the key."""
     checks = [
@@ -318,6 +393,7 @@ def validate(cfg: Config) -> Config:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    check_max_dets(cfg.eval.max_dets, cfg.model.detections_per_img)
     if cfg.distill is not None:
         if cfg.distill.balance < 0:
             raise ConfigError(f"distill.balance must be >= 0, got {cfg.distill.balance}")
@@ -350,10 +426,36 @@ def _expand_home(cfg: Config) -> Config:
     return cfg
 
 
+def check_torchvision_keys(model: Any, path: str) -> Any:
+    """A model section naming ``torchvision:`` may repeat the keys that model fixes (arch, backbone...) only
+    with the model's own values: a config saying ``arch: retinanet`` next to a Faster R-CNN is an error.
+    Returns the section with the builder's defaults (:data:`TORCHVISION_DEFAULTS`) for the keys it leaves
+    out."""
+    if not isinstance(model, dict) or not model.get("torchvision"):
+        return model
+    name = model["torchvision"]
+    if name not in TORCHVISION_MODELS:
+        return model  # from_dict reports the unknown name with the valid choices
+    arch, backbone, width = TORCHVISION_MODELS[name]
+    implied = {"arch": arch, "backbone": backbone, "fpn_channels": width, "anchor_sizes": [],
+               "head_norm": "gn" if name == "retinanet_resnet50_fpn_v2" else "none"}
+    for key in TORCHVISION_IMPLIED:
+        if key in model and model[key] != implied[key] and not (key == "head_norm" and model[key] == "none"):
+            raise ConfigError(
+                f"{path}.{key}: {model[key]!r} contradicts {path}.torchvision {name!r}, which fixes "
+                f"{key} = {implied[key]!r} (leave {key} out, or drop torchvision for detkd's own layout)"
+            )
+    return {**TORCHVISION_DEFAULTS.get(name, {}), **model}
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
+    if "model" in raw:
+        raw["model"] = check_torchvision_keys(raw["model"], "model")
     if isinstance(raw.get("distill"), dict):
         raw["distill"] = _normalise_methods(raw["distill"])
+        if "teacher" in raw["distill"]:
+            raw["distill"]["teacher"] = check_torchvision_keys(raw["distill"]["teacher"], "distill.teacher")
     return validate(_expand_home(_apply_presets(from_dict(Config, raw))))
 
 
@@ -399,11 +501,57 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
-    return merge(load_raw(path.parent / base, (*_seen, path)), raw)
+    base_path = path.parent / base
+    if not base_path.is_file():
+        base_path = resolve_config_path(base)  # a shipped config by name (``base: voc/tv_faster_rcnn_r50_v2``)
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base: {base} is neither a file next to it nor a shipped config")
+    return merge(load_raw(base_path, (*_seen, path)), raw)
+
+
+def shipped_configs() -> Path | None:
+    """The folder of the configs shipped with detkd: ``detkd/configs`` in an installed package (the
+    repository's ``configs/``, see pyproject.toml), else the ``configs/`` folder of a clone."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def list_shipped_configs() -> list[str]:
+    """Names of the shipped configs (``digits/retinanet_r18_student.yaml``...), without ``_base`` files."""
+    folder = shipped_configs()
+    if folder is None:
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the shipped config of that name (``digits/fcos_r18_student``,
+    with or without ``.yaml`` and a leading ``configs/``), so an installed detkd runs its configs without a
+    clone. A path found nowhere is returned as given (loading it then says it was not found)."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    folder = shipped_configs()
+    name = str(path)
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    if folder is not None:
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return given
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load (following ``base:``), override and validate a config file. Errors name the file and the key."""
+    """Load (following ``base:``), override and validate a config file, or a shipped config by name
+    (:func:`resolve_config_path`). Errors name the file and the key."""
+    path = resolve_config_path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (nor a shipped config of that name; `detkd configs` "
+                          f"lists them)")
     raw = apply_overrides(load_raw(path), overrides or [])
     try:
         return config_from_dict(raw)

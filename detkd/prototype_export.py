@@ -200,7 +200,7 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     ``gallery_level{L}.png`` per pyramid level to ``out`` (see the module docstring). Returns ``out``."""
     from detkd.distill.base import DistillContext, build_distiller
     from detkd.engine.trainer import _feature_loader, resolve_device
-    from detkd.models import feature_channels, pyramid_levels
+    from detkd.models import paired_channels, pyramid_levels
     from detkd.runtime import dist
 
     t_start = time.perf_counter()
@@ -217,8 +217,9 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     info(f"prototypes: method {name!r} options {options or '(defaults)'}; loading teacher and student")
     teacher = load_teacher(cfg)
     student = load_student(cfg, checkpoint)
-    distiller = build_distiller(name, options, feature_channels(teacher), feature_channels(student),
-                                cfg.model.arch, where="distill.methods (prototype method)")
+    pairs, t_ch, s_ch = paired_channels(teacher, student, "distill")
+    distiller = build_distiller(name, options, t_ch, s_ch, cfg.model.arch,
+                                where="distill.methods (prototype method)")
     bank = distiller.bank
     recorder = _CostRecorder(bank)
     bank._generate = recorder
@@ -227,7 +228,7 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
 
     loader = _feature_loader(cfg)
     info(f"prototypes: extracting instance features from {len(loader.dataset)} training images (no augmentation)")
-    ctx = DistillContext(teacher=teacher, student=student, loader=loader, device=device, epoch=0,
+    ctx = DistillContext(teacher=teacher, student=student, loader=loader, device=device, epoch=0, pairs=pairs,
                          epochs=cfg.train.epochs)
     stats = bank.refresh(ctx)
     info(f"prototypes: {int(stats['proto_instances'])} instances of {int(stats['proto_classes'])} classes; "
@@ -243,6 +244,8 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     files, table = instance_table(dataset.coco_gt())
     class_names = {int(c["id"]): c["name"] for c in dataset.categories}
     level_names = pyramid_levels(student)
+    if pairs is not None:  # the bank's levels are the paired ones
+        level_names = [level_names[j] for _, j in pairs]
 
     levels_pt: list[dict[str, Any]] = []
     levels_json: list[dict[str, Any]] = []

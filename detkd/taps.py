@@ -11,6 +11,7 @@ except where torchvision computes a quantity inline and does not return it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -121,6 +122,38 @@ def _num_anchors_per_level(features: list[Tensor], cls_logits: Tensor) -> list[i
     hw = [int(f.shape[-2] * f.shape[-1]) for f in features]
     per_location = int(cls_logits.shape[1]) // sum(hw)
     return [n * per_location for n in hw]
+
+
+def select_levels(taps: Taps, indices: list[int]) -> Taps:
+    """A copy of ``taps`` restricted to the pyramid levels ``indices`` (in that order; an index may repeat):
+    features, level names and strides, and the per-level parts of the anchors and the dense head outputs,
+    which are concatenated level by level. Everything else (losses, RoIs, proposals) is shared as is.
+    This is how teacher and student levels of equal stride are lined up (``detkd.models.pair_levels``)."""
+    out = dataclasses.replace(
+        taps,
+        features=[taps.features[i] for i in indices],
+        level_names=[taps.level_names[i] for i in indices],
+        strides=[taps.strides[i] for i in indices],
+    )
+    per_level = taps.num_anchors_per_level
+    if per_level is None:
+        return out
+    per_level = [int(n) for n in per_level]
+
+    def pick(t: Tensor, dim: int) -> Tensor:
+        chunks = t.split(per_level, dim=dim)
+        return torch.cat([chunks[i] for i in indices], dim=dim)
+
+    out.num_anchors_per_level = [per_level[i] for i in indices]
+    if taps.anchors is not None:
+        out.anchors = [pick(a, 0) for a in taps.anchors]
+    if taps.matched_idxs is not None:
+        out.matched_idxs = [pick(m, 0) for m in taps.matched_idxs]
+    for name in ("cls_logits", "bbox_regression", "bbox_ctrness"):
+        value = getattr(taps, name)
+        if value is not None:
+            setattr(out, name, pick(value, 1))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

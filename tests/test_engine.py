@@ -208,9 +208,11 @@ def test_incompatible_pair_fails_before_training(data_root, teachers, tmp_path):
     cfg = with_distill(tiny_config(data_root, tmp_path / "run2"), teachers["retinanet"], ["no_such_method"])
     with pytest.raises(ConfigError, match="unknown method 'no_such_method'"):
         fit(cfg, progress=False)
-    cfg = with_distill(tiny_config(data_root, tmp_path / "run3"), teachers["faster_rcnn"], ["fitnet"])
+    cfg = with_distill(tiny_config(data_root, tmp_path / "run3"), teachers["faster_rcnn"], ["fitnet", "kd"])
     cfg.distill.teacher.arch = "faster_rcnn"  # the checkpoint is a Faster R-CNN, the student a RetinaNet
-    with pytest.raises(ConfigError, match="pyramids"):
+    # the features pair by stride (P3-P6), but kd compares dense head outputs, which a Faster R-CNN lacks
+    with pytest.raises(ConfigError, match=r"distill.methods\[1\] \(kd\): needs the dense per-anchor head "
+                                          r"outputs.*teacher faster_rcnn resnet18 / student retinanet resnet18"):
         fit(cfg, progress=False)
     assert not (tmp_path / "run" / "last.pt").exists()
 

@@ -50,6 +50,7 @@ SECTIONS = [
     ("data.digits", config.DigitsConfig),
     ("model", config.ModelConfig),
     ("train", config.TrainConfig),
+    ("eval", config.EvalConfig),
     ("distill", config.DistillConfig),
     ("distill.methods[i]", config.MethodConfig),
 ]

@@ -34,6 +34,9 @@ class DistillContext:
     epoch: int
     epochs: int
     log: Callable[[dict[str, float]], None] = field(default=lambda d: None)
+    # (teacher level, student level) of equal stride when the pyramids differ (detkd.models.pair_levels):
+    # a hook that taps the detectors itself restricts both to these levels (detkd.taps.select_levels)
+    pairs: list[tuple[int, int]] | None = None
 
 
 class Distiller(nn.Module):

@@ -641,10 +641,11 @@ class PrototypeBank:
         """Keys (image id, box index), labels, areas, and per-level student (and teacher) features of this
         rank's ``wanted`` instances, on CPU. Only the images holding one go through the detectors (their
         backbone + FPN only, eval mode, no grad)."""
-        from detkd.taps import TapRequest, tap_teacher, transform_batch
+        from detkd.taps import TapRequest, select_levels, tap_teacher, transform_batch
 
         student, teacher = context.student, context.teacher
         request = TapRequest(features=True)
+        pairs = getattr(context, "pairs", None)  # pyramids of different levels: the paired ones only
         chunks: list[dict[str, Any]] = []
         for images, targets, ids in self._batches(context, wanted, index):
             # transform_batch drops ignore boxes: box index = position among the kept boxes
@@ -667,6 +668,8 @@ class PrototypeBank:
                 areas.append((b[:, 2:] - b[:, :2]).prod(dim=1).cpu())
             # tap_teacher: eval mode, no_grad, training flags restored afterwards (used for the student too)
             s_taps = tap_teacher(student, image_list, tgts, request, None)
+            if pairs is not None:
+                s_taps = select_levels(s_taps, [j for _, j in pairs])
             chunk = {
                 "keys": torch.cat(keys), "labels": torch.cat(labels), "areas": torch.cat(areas),
                 "fs": [f.float().cpu() for f in instance_features_levels(s_taps, boxes, self.extraction,
@@ -675,6 +678,8 @@ class PrototypeBank:
             }
             if with_teacher:
                 t_taps = tap_teacher(teacher, image_list, tgts, request, None)
+                if pairs is not None:
+                    t_taps = select_levels(t_taps, [i for i, _ in pairs])
                 chunk["ft"] = [f.float().cpu() for f in instance_features_levels(t_taps, boxes, self.extraction,
                                                                                  self.roi_size)]
             chunks.append(chunk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,8 +60,9 @@ def predict(model: nn.Module, loader: Any, device: torch.device, progress: bool 
 
 
 def evaluate_model(model: nn.Module, loader: Any, coco_gt: dict, device: torch.device,
-                   progress: bool = True) -> dict[str, float]:
-    """COCO + VOC metrics of ``model`` on ``loader``; identical on every rank (computed on rank 0)."""
+                   progress: bool = True, max_dets: Sequence[int] = (1, 10, 100)) -> dict[str, float]:
+    """COCO + VOC metrics of ``model`` on ``loader``; identical on every rank (computed on rank 0).
+    ``max_dets``: COCO's maximum detections per image (``eval.max_dets``)."""
     from detkd.evaluation import evaluate
 
     t0 = time.perf_counter()
@@ -69,6 +71,6 @@ def evaluate_model(model: nn.Module, loader: Any, coco_gt: dict, device: torch.d
     metrics: dict[str, float] | None = None
     if dist.is_main():
         all_dets = [d for part in gathered for d in part]
-        metrics = evaluate(coco_gt, all_dets)
+        metrics = evaluate(coco_gt, all_dets, max_dets)
         metrics["eval_s"] = time.perf_counter() - t0
     return dist.broadcast_object(metrics)

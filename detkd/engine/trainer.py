@@ -117,9 +117,13 @@ class DistillStep(nn.Module):
     """
 
     def __init__(self, student: nn.Module, distillers: nn.ModuleList | None = None,
-                 weights: list[float] | None = None, teacher: nn.Module | None = None, balance: float = 0.0):
+                 weights: list[float] | None = None, teacher: nn.Module | None = None, balance: float = 0.0,
+                 pairs: list[tuple[int, int]] | None = None):
         super().__init__()
         self.student = student
+        # (teacher level, student level) of equal stride (detkd.models.pair_levels); None: the two pyramids
+        # are the same levels, passed to the distillers whole
+        self.pairs = pairs
         self.distillers = distillers if distillers is not None else nn.ModuleList()
         self.weights = weights or []
         self._teacher = [teacher] if teacher is not None else []  # a list hides it from .parameters()
@@ -147,6 +151,11 @@ class DistillStep(nn.Module):
         image_list, tgts = transform_batch(self.student, images, targets)
         det_losses, s_taps = tap_student(self.student, image_list, tgts)
         t_taps = tap_teacher(self.teacher, image_list, tgts, self.request, s_taps)
+        if self.pairs is not None:
+            from detkd.taps import select_levels
+
+            t_taps = select_levels(t_taps, [i for i, _ in self.pairs])
+            s_taps = select_levels(s_taps, [j for _, j in self.pairs])
         outputs = [d(t_taps, s_taps, tgts) for d in self.distillers]
         if self.balance > 0 and not self.balance_scales:
             self.balance_scales = balance_scales(det_losses, outputs, self.weights, self.balance)
@@ -202,7 +211,7 @@ def resolve_device(name: str, timeout_s: int = 600) -> torch.device:
 def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module | None, DistillStep]:
     """Student, frozen teacher (or None) and the step module, all on ``device``."""
     from detkd.distill.base import build_distiller
-    from detkd.models import build_detector, check_pair, feature_channels
+    from detkd.models import build_detector, check_pair, paired_channels
     from detkd.models.weights import check_checkpoint_fits
 
     student = build_detector(cfg.model)
@@ -233,21 +242,57 @@ def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Modul
         n = inherit_from_teacher(student, teacher)
         info(f"inherit: copied {n} neck/head tensors from the teacher (shapes that match)")
 
-    t_ch, s_ch = feature_channels(teacher), feature_channels(student)
-    if len(t_ch) != len(s_ch):
-        raise ConfigError(
-            f"teacher has {len(t_ch)} pyramid levels and the student {len(s_ch)}: feature distillers need "
-            "the same levels (use the same detector family or FPN layout)"
-        )
+    # feature distillers compare levels of equal stride: pyramids differ (P2-P6, P3-P7, MobileNetV3's 3 levels)
+    pairs, t_ch, s_ch = paired_channels(teacher, student, "distill")
+    all_pairs = pairs or [(i, i) for i in range(len(t_ch))]
     distillers = nn.ModuleList(
         build_distiller(m.name, m.options, t_ch, s_ch, cfg.model.arch, where=f"distill.methods[{i}]")
         for i, m in enumerate(dc.methods)
     )
+    check_requests(distillers, teacher, student, all_pairs, _describe_model(dc.teacher), _describe_model(cfg.model))
     weights = [m.weight for m in dc.methods]
     teacher.to(device)
     student.to(device)
-    step = DistillStep(student, distillers.to(device), weights, teacher, balance=dc.balance)
+    step = DistillStep(student, distillers.to(device), weights, teacher, balance=dc.balance, pairs=pairs)
     return student, teacher, step
+
+
+def _describe_model(model_cfg) -> str:
+    return model_cfg.torchvision or f"{model_cfg.arch} {model_cfg.backbone}"
+
+
+def check_requests(distillers: nn.ModuleList, teacher: nn.Module, student: nn.Module,
+                   pairs: list[tuple[int, int]], teacher_name: str, student_name: str) -> None:
+    """Raise :class:`ConfigError` at start-up when a method needs outputs that this teacher / student pair
+    cannot give: RoI logits or proposals (two-stage on both sides), dense per-anchor outputs (one-stage
+    on both sides, the same anchors per location on every paired level)."""
+    from detkd.models import detector_arch
+
+    t_arch, s_arch = detector_arch(teacher), detector_arch(student)
+    pair = f"teacher {teacher_name} / student {student_name}"
+    for i, d in enumerate(distillers):
+        req = d.request()
+        where = f"distill.methods[{i}] ({getattr(d, 'name', type(d).__name__)})"
+        if (req.roi_outputs or req.proposals) and (t_arch != "faster_rcnn" or s_arch != "faster_rcnn"):
+            raise ConfigError(
+                f"{where}: needs the RoI outputs of both detectors on the student's RoIs, which only two "
+                f"Faster R-CNNs have; the pair is {pair} (pick a method without RoI terms, or a Faster "
+                f"R-CNN on both sides)"
+            )
+        if req.dense_outputs:
+            if t_arch == "faster_rcnn" or s_arch == "faster_rcnn":
+                raise ConfigError(
+                    f"{where}: needs the dense per-anchor head outputs of both detectors, which only "
+                    f"RetinaNet / FCOS have; the pair is {pair}"
+                )
+            t_apl = teacher.anchor_generator.num_anchors_per_location()
+            s_apl = student.anchor_generator.num_anchors_per_location()
+            if [t_apl[a] for a, _ in pairs] != [s_apl[b] for _, b in pairs]:
+                raise ConfigError(
+                    f"{where}: compares the two heads anchor by anchor, but the pair {pair} has "
+                    f"{t_apl[0]} and {s_apl[0]} anchors per location: their outputs do not correspond "
+                    f"(pick the same anchors on both sides)"
+                )
 
 
 def _with_weights(model_cfg, path: str):
@@ -555,7 +600,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
                 from detkd.distill.base import DistillContext
 
                 ctx = DistillContext(teacher=teacher, student=step.student, loader=context_loader, device=device,
-                                     epoch=epoch, epochs=cfg.train.epochs,
+                                     epoch=epoch, epochs=cfg.train.epochs, pairs=step.pairs,
                                      log=lambda d, e=epoch: logger.log({"kind": "distill", "epoch": e, **d},
                                                                        state.iteration))
                 for d in step.distillers:
@@ -574,7 +619,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
 
             last_epoch = state.epoch == cfg.train.epochs
             if (cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0) or last_epoch:
-                metrics = evaluate_model(step.student, val_loader, coco_gt, device, progress)
+                metrics = evaluate_model(step.student, val_loader, coco_gt, device, progress, cfg.eval.max_dets)
                 metrics["epoch"] = state.epoch
                 logger.log({"kind": "eval", **metrics}, state.iteration)
                 info(f"epoch {state.epoch}/{cfg.train.epochs}: mAP {metrics['mAP']:.4f} AP50 {metrics['AP50']:.4f} "
@@ -701,4 +746,4 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, progress: bool = True) -> 
     val_set = build_dataset(cfg.data, "val", cfg.model)
     loader = build_loader(val_set, cfg.data.batch_size, cfg.data.workers, shuffle=False,
                           sampler=ShardSampler(len(val_set), dist.rank(), dist.world_size()))
-    return evaluate_model(model, loader, val_set.coco_gt(), device, progress)
+    return evaluate_model(model, loader, val_set.coco_gt(), device, progress, cfg.eval.max_dets)

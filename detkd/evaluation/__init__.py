@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from detkd.evaluation.coco import COCO_KEYS, coco_metrics, coco_metrics_checked
+from detkd.evaluation.coco import COCO_KEYS, DEFAULT_MAX_DETS, coco_metrics, coco_metrics_checked
 from detkd.evaluation.inputs import check_coco_gt, check_detections
 from detkd.evaluation.voc import average_precision, match_detections, precision_recall, voc_ap50
 
@@ -26,15 +26,17 @@ __all__ = [
 ]
 
 
-def evaluate(coco_gt: Mapping, detections: Sequence[Mapping]) -> dict[str, float]:
-    """COCO metrics plus VOC AP50, all fractions in [0, 1] (-1 = undefined); keys :data:`METRIC_KEYS`.
+def evaluate(coco_gt: Mapping, detections: Sequence[Mapping],
+             max_dets: Sequence[int] = DEFAULT_MAX_DETS) -> dict[str, float]:
+    """COCO metrics plus VOC AP50, all fractions in [0, 1] (-1 = undefined); keys :data:`METRIC_KEYS`
+    (the AR keys named after ``max_dets``, COCO's maximum detections per image: ``eval.max_dets``).
 
     ``VOC07_AP50`` is the VOC2007 11-point AP, ``VOC_AP50`` the VOC2010+ area AP (see
     :mod:`detkd.evaluation.voc`). Neither argument is modified.
     """
     gt = check_coco_gt(coco_gt)
     dets = check_detections(detections, gt)
-    metrics = coco_metrics_checked(gt, dets)
+    metrics = coco_metrics_checked(gt, dets, max_dets=max_dets)
 
     # One matching pass serves both VOC variants.
     curves = precision_recall(gt, dets, match_detections(gt, dets, 0.5))
@@ -95,7 +97,8 @@ def outputs_to_detections(
 def format_metrics(metrics: Mapping[str, float]) -> str:
     """One-line summary of the known metric keys present, in percent (``n/a`` where undefined)."""
     parts = []
-    for key in METRIC_KEYS:
+    extra_ar = [k for k in metrics if k.startswith("AR") and k[2:].isdigit() and k not in METRIC_KEYS]
+    for key in (*METRIC_KEYS, *extra_ar):
         if key in metrics:
             value = metrics[key]
             parts.append(f"{key} {100.0 * value:.1f}" if value >= 0 else f"{key} n/a")

@@ -43,8 +43,20 @@ def _coco_from_dict(dataset: dict) -> COCO:
     return coco
 
 
-def coco_metrics_checked(gt: GroundTruth, dets: Detections, verbose: bool = False) -> dict[str, float]:
+DEFAULT_MAX_DETS = (1, 10, 100)
+
+
+def coco_keys(max_dets: Sequence[int] = DEFAULT_MAX_DETS) -> tuple[str, ...]:
+    """Names of the 12 summary metrics: :data:`COCO_KEYS`, with the AR keys named after ``max_dets``."""
+    if len(max_dets) != 3:
+        raise ValueError(f"max_dets: expected three counts, got {list(max_dets)}")
+    return (*COCO_KEYS[:6], *(f"AR{m}" for m in max_dets), *COCO_KEYS[9:])
+
+
+def coco_metrics_checked(gt: GroundTruth, dets: Detections, verbose: bool = False,
+                         max_dets: Sequence[int] = DEFAULT_MAX_DETS) -> dict[str, float]:
     """:func:`coco_metrics` on already validated inputs (see :mod:`detkd.evaluation.inputs`)."""
+    keys = coco_keys(max_dets)
     # Annotation ids are numbered from 1: the C++ matcher uses id 0 as "unmatched".
     gt_anns = [
         {"id": k + 1, "image_id": i, "category_id": c, "bbox": b, "area": a, "iscrowd": int(z)}
@@ -69,14 +81,16 @@ def coco_metrics_checked(gt: GroundTruth, dets: Detections, verbose: bool = Fals
             evaluator = _COCOeval(coco_gt, coco_dt, iouType="bbox", print_function=print if verbose else _quiet)
         else:  # pragma: no cover
             evaluator = _COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.maxDets = [int(m) for m in max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    stats = np.asarray(evaluator.stats, dtype=np.float64)[: len(COCO_KEYS)]
-    return {key: float(value) for key, value in zip(COCO_KEYS, stats)}
+    stats = np.asarray(evaluator.stats, dtype=np.float64)[: len(keys)]
+    return {key: float(value) for key, value in zip(keys, stats)}
 
 
-def coco_metrics(coco_gt: Mapping, detections: Sequence[Mapping], verbose: bool = False) -> dict[str, float]:
+def coco_metrics(coco_gt: Mapping, detections: Sequence[Mapping], verbose: bool = False,
+                 max_dets: Sequence[int] = DEFAULT_MAX_DETS) -> dict[str, float]:
     """The 12 standard COCO box metrics of ``detections`` against ``coco_gt``.
 
     Args:
@@ -84,6 +98,8 @@ def coco_metrics(coco_gt: Mapping, detections: Sequence[Mapping], verbose: bool 
             ``area`` is taken as ``w * h`` and a missing ``iscrowd`` as 0. Not modified.
         detections: COCO result dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``). Not modified.
         verbose: print the library's usual 12-line summary.
+        max_dets: COCO's ``maxDets``, three increasing counts; AP and the per-size AR count the top
+            ``max_dets[-1]`` detections of an image, and the AR keys are ``AR{m}`` for each count.
 
     Returns:
         ``{mAP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}`` as fractions; -1 where COCO
@@ -91,4 +107,4 @@ def coco_metrics(coco_gt: Mapping, detections: Sequence[Mapping], verbose: bool 
         metric is 0.
     """
     gt = check_coco_gt(coco_gt)
-    return coco_metrics_checked(gt, check_detections(detections, gt), verbose)
+    return coco_metrics_checked(gt, check_detections(detections, gt), verbose, max_dets)

@@ -16,6 +16,11 @@ the same levels:
 - RetinaNet, FCOS: P3-P5 from the stride 8, 16, 32 stages plus P6, P7 computed from P5
   (``LastLevelP6P7(C, C)``, torchvision's ``retinanet_resnet50_fpn`` and ``fcos_resnet50_fpn`` layout);
   level names ``"0" "1" "2" "p6" "p7"``.
+
+``model.torchvision`` instead builds one of torchvision's COCO detectors exactly as torchvision does
+(:func:`build_torchvision`), whose pyramids differ: RetinaNet v2 computes P6 from C5, and the MobileNetV3
+Faster R-CNNs have three levels (strides 16, 32 and a max-pooled 64). Teacher and student levels are then
+paired by stride (``detkd.models.pair_levels``).
 """
 
 from __future__ import annotations
@@ -126,11 +131,100 @@ def _anchor_sizes(cfg) -> tuple[tuple[int, ...], ...]:
     return tuple((x,) for x in base)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# torchvision's own COCO detectors (``model.torchvision``)
+
+
+def _faster_rcnn_kwargs(cfg) -> dict:
+    return dict(
+        min_size=cfg.min_size, max_size=cfg.max_size, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test, rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_batch_size_per_image=cfg.box_batch_size_per_image, box_positive_fraction=cfg.box_positive_fraction,
+        box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
+    )
+
+
+def _one_stage_kwargs(cfg) -> dict:
+    return dict(min_size=cfg.min_size, max_size=cfg.max_size, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+                score_thresh=cfg.score_thresh, detections_per_img=cfg.detections_per_img)
+
+
+def build_torchvision(cfg, load_trunk=None) -> nn.Module:
+    """``cfg.torchvision`` built as torchvision's builder of that name builds it (same modules, state-dict
+    keys and shapes, anchors, heads and post-processing), with ``num_classes + 1`` outputs, the sizes,
+    sampler and score settings of ``cfg``, and ``cfg.trainable_layers`` / ``cfg.norm`` for the trunk.
+
+    Differences from calling the builder: the trunk's norm is ``cfg.norm`` (torchvision picks frozen BN when
+    it loads weights itself, plain BN otherwise: ``norm: bn`` gives its weights=None model exactly), and
+    ``trainable_layers`` counts MobileNetV3 stages like ResNet ones (as for detkd's own MobileNet).
+    """
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
+    from torchvision.models.detection.faster_rcnn import _default_anchorgen as rpn_anchorgen
+    from torchvision.models.detection.retinanet import _default_anchorgen as retina_anchorgen
+
+    name = cfg.torchvision
+    norm = FrozenBatchNorm2d if cfg.norm == "frozen_bn" else nn.BatchNorm2d  # torchvision's eps (1e-5) for both
+    num_outputs = cfg.num_classes + 1
+    if name.startswith("fasterrcnn_mobilenet_v3_large"):
+        trunk = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm)
+        if load_trunk is not None:
+            load_trunk(trunk)
+        trainable = cfg.trainable_layers + 1 if cfg.trainable_layers > 0 else 0  # + the final 1x1 conv stage
+        backbone = _mobilenet_extractor(trunk, True, trainable)
+        # 5 sizes on each of the 3 levels (15 anchors per location): torchvision's layout for this model
+        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+        # rpn_score_thresh: the builder's default for both MobileNet models
+        return FasterRCNN(backbone, num_outputs, rpn_anchor_generator=anchors, rpn_score_thresh=0.05,
+                          **_faster_rcnn_kwargs(cfg))
+
+    trunk = torchvision.models.resnet50(weights=None, norm_layer=norm)
+    if load_trunk is not None:
+        load_trunk(trunk)
+    t = cfg.trainable_layers
+    if name == "fasterrcnn_resnet50_fpn":
+        return FasterRCNN(_resnet_fpn_extractor(trunk, t), num_outputs, **_faster_rcnn_kwargs(cfg))
+    if name == "fasterrcnn_resnet50_fpn_v2":
+        # v2 (Li et al., "Benchmarking detection transfer learning with vision transformers"): BN in the FPN,
+        # a two-conv RPN head and a 4-conv + 1-fc box head with BN
+        backbone = _resnet_fpn_extractor(trunk, t, norm_layer=nn.BatchNorm2d)
+        anchors = rpn_anchorgen()
+        rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
+        box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
+                                      norm_layer=nn.BatchNorm2d)
+        return FasterRCNN(backbone, num_outputs, rpn_anchor_generator=anchors, rpn_head=rpn_head,
+                          box_head=box_head, **_faster_rcnn_kwargs(cfg))
+    if name == "retinanet_resnet50_fpn":
+        backbone = _resnet_fpn_extractor(trunk, t, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        return RetinaNet(backbone, num_outputs, **_one_stage_kwargs(cfg))
+    if name == "retinanet_resnet50_fpn_v2":
+        # v2: P6 from C5 (2048 channels), GroupNorm in the head, GIoU box loss
+        backbone = _resnet_fpn_extractor(trunk, t, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(2048, 256))
+        anchors = retina_anchorgen()
+        head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_outputs,
+                             norm_layer=partial(nn.GroupNorm, 32))
+        head.regression_head._loss_type = "giou"
+        return RetinaNet(backbone, num_outputs, anchor_generator=anchors, head=head, **_one_stage_kwargs(cfg))
+    if name == "fcos_resnet50_fpn":
+        backbone = _resnet_fpn_extractor(trunk, t, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        return FCOS(backbone, num_outputs, **_one_stage_kwargs(cfg))
+    raise ValueError(f"model.torchvision: unknown torchvision detector {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# detkd's own layouts
+
+
 def build(cfg, load_trunk=None) -> nn.Module:
     """The torchvision detector described by ``cfg`` (any object with detkd's ``ModelConfig`` fields: the
     dataclass itself, or ``types.SimpleNamespace(**json.load(open("model.json")))``), randomly initialised,
     frozen stages set. ``load_trunk(trunk)`` may load backbone weights into the bare classification trunk.
+    ``cfg.torchvision`` set: torchvision's own model of that name (:func:`build_torchvision`).
     """
+    if getattr(cfg, "torchvision", ""):
+        return build_torchvision(cfg, load_trunk)
     two_stage = cfg.arch == "faster_rcnn"
     if cfg.backbone == "mobilenet_v3_large":
         backbone = _mobilenet_fpn(cfg, two_stage, load_trunk)

@@ -35,6 +35,10 @@ CLASS_LAYERS = (
 )
 
 
+# torchvision v1 COCO weights whose frozen BN layers use eps 0 (torchvision's builders call overwrite_eps)
+ZERO_EPS_WEIGHTS = ("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", "RetinaNet_ResNet50_FPN_Weights.COCO_V1")
+
+
 def is_weights_name(value: str) -> bool:
     """True for strings shaped like a torchvision weights enum member (``Xxx_Weights.YYY``)."""
     return bool(_WEIGHTS_NAME.match(value))
@@ -159,6 +163,11 @@ def load_detector_weights(model: nn.Module, source: str, what: str) -> None:
     class-specific output layers stay at their initial values (fine-tuning); a checkpoint must fit."""
     state, from_torchvision = read_weights(source, "model.weights")
     skipped = load_checked(model, state, source, skip_mismatched=CLASS_LAYERS if from_torchvision else ())
+    if source in ZERO_EPS_WEIGHTS:
+        # these two were trained with frozen BN of eps 0; torchvision's builders set it the same way
+        from torchvision.models.detection._utils import overwrite_eps
+
+        overwrite_eps(model, 0.0)
     info(f"detector {what}: loaded {source}")
     if skipped:
         info(f"detector {what}: class-specific layers left at their initial values: {', '.join(skipped)}")
