@@ -79,7 +79,7 @@ def load_cfg(arch: str, method: str, data_root: str, teacher_ckpt: str, train_im
 
 def merged_request(arch: str, teacher, student):
     """TapRequest merged over every distiller (what "+teacher" asks of the teacher)."""
-    from detkd.distill.base import build_distiller
+    from detkd.distill import build_distiller
     from detkd.models import feature_channels
     from detkd.taps import TapRequest
 

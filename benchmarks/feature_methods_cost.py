@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detkd.distill.base import build_distiller  # noqa: E402
+from detkd.distill import build_distiller  # noqa: E402
 from detkd.taps import Taps  # noqa: E402
 
 SHAPES = [(80, 80), (40, 40), (20, 20), (10, 10), (5, 5)]

@@ -64,7 +64,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from detkd.config import Config, ConfigError
+from detkd.assemble import feature_loader, load_student, load_teacher, resolve_device
+from detkd.config import Config, ConfigError, to_dict
+from detkd.data import build_dataset, build_loader
+from detkd.distill import build_distiller
+from detkd.distill.base import DistillContext
+from detkd.distill.pgm import project
+from detkd.distill.prototypes import generate, kmeans
+from detkd.engine.evaluate import predict
+from detkd.models import paired_channels, pyramid_levels
+from detkd.prototype_export import label_font, prototype_method
+from detkd.runtime.checkpoint import CheckpointError
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
 
@@ -93,8 +103,6 @@ class Bases:
 def kmeans_bases(feat_t: Tensor, feat_s: Tensor, k: int, *, seed: int = 0, space: str = "teacher") -> Bases:
     """K-means (:func:`detkd.distill.prototypes.kmeans`) in one space; centre k = the mean of cluster k's
     members in EACH space (so the pair describes the same group of instances in both)."""
-    from detkd.distill.prototypes import kmeans
-
     if space not in ("teacher", "student"):
         raise ValueError(f"kmeans space: {space!r} is not 'teacher' or 'student'")
     _, assign = kmeans(feat_t if space == "teacher" else feat_s, k, seed=seed)
@@ -117,8 +125,6 @@ def choose_bases(
     """The three kinds of K bases of Fig. 1 for the N paired instances ``feat_t`` (N, Dt), ``feat_s`` (N, Ds):
     ``prototypes`` (PGM, ``lam`` and ``pgm_opts``), ``random`` (``seed``) and ``kmeans`` (in ``kmeans_space``,
     ``seed``). See the module docstring. Needs N >= K."""
-    from detkd.distill.prototypes import generate
-
     n = feat_t.shape[0]
     if k < 1 or n < k:
         raise ValueError(f"choose_bases: need 1 <= k <= N instances, got k={k}, N={n}")
@@ -138,8 +144,6 @@ def relations(
     """(R^t, R^s), each (N, K): the relation of every instance to the K bases in the teacher and in the student
     space. ``cosine``: R_ik = cos(f_i, g_k) (a zero vector has cosine 0). ``projection``: the Eq. 5
     coordinates Lambda^t, Lambda^s (:func:`detkd.distill.pgm.project` with ``lam``, ``normalize``)."""
-    from detkd.distill.pgm import project
-
     ft, fs = feat_t.float(), feat_s.float()
     if relation == "cosine":
         return (F.normalize(ft, dim=1) @ F.normalize(bases.teacher, dim=1).T,
@@ -326,13 +330,6 @@ def analyze_relations(
     class in the instance pool; default the run's ``max_images_per_class``) override the run's options; the
     other options (``lam``, ``normalize``, PGM options, extraction, ``min_box``) are the run's prototype
     method's (:func:`detkd.prototype_export.prototype_method`)."""
-    from detkd.config import to_dict
-    from detkd.distill import load_builtin
-    from detkd.distill.base import DistillContext, build_distiller
-    from detkd.engine.trainer import _feature_loader, resolve_device
-    from detkd.models import paired_channels, pyramid_levels
-    from detkd.prototype_export import load_student, load_teacher, prototype_method
-
     t0 = time.perf_counter()
     if cfg.distill is None:
         raise ConfigError("the config has no distill section: `detkd analyze relations` needs a distillation "
@@ -343,7 +340,6 @@ def analyze_relations(
         raise ConfigError(f"--images: must be >= 0 (0 = every image), got {images}")
     if kmeans_space not in ("teacher", "student"):
         raise ConfigError(f"--kmeans-space: {kmeans_space!r} is not 'teacher' or 'student'")
-    load_builtin()
     name, options = prototype_method(cfg)
     options = {**options, "generator": "pgm"}  # the bank's PGM options (gen_opts) are the prototypes kind's
     if k is not None:
@@ -360,7 +356,7 @@ def analyze_relations(
     opts, bank = distiller.opts, distiller.bank
     teacher.to(device)
     student.to(device)
-    ctx = DistillContext(teacher=teacher, student=student, loader=_feature_loader(cfg), device=device, epoch=0,
+    ctx = DistillContext(teacher=teacher, student=student, loader=feature_loader(cfg), device=device, epoch=0,
                          epochs=cfg.train.epochs, pairs=pairs)
     pool = bank.extract_pool(ctx)
     t_extract = time.perf_counter() - t0
@@ -426,8 +422,6 @@ def grid_size(rows: int, cols: int, cell: int = CELL) -> tuple[int, int]:
 def parse_model_specs(items: Sequence[str]) -> list[tuple[str, str]]:
     """``["LABEL=CHECKPOINT", ...]`` -> [(label, path), ...]; a clear ConfigError for a malformed item or a
     repeated label (the path is split at the first ``=``), a CheckpointError for a missing file."""
-    from detkd.runtime.checkpoint import CheckpointError
-
     out: list[tuple[str, str]] = []
     for item in items:
         label, sep, path = item.partition("=")
@@ -445,9 +439,6 @@ def parse_model_specs(items: Sequence[str]) -> list[tuple[str, str]]:
 def load_model(cfg: Config, checkpoint: str, label: str) -> nn.Module:
     """The detector of ``checkpoint`` in eval mode: the student model of ``cfg`` (``model``), or, when the
     weights do not fit it, the teacher model (``distill.teacher``)."""
-    from detkd.prototype_export import load_student
-    from detkd.runtime.checkpoint import CheckpointError
-
     try:
         return load_student(cfg, checkpoint).eval()
     except CheckpointError as student_error:
@@ -497,8 +488,6 @@ def draw_detections(
     """A copy of ``image`` with ``boxes`` (M, 4) xyxy (times ``scale``) outlined, each labelled with its class
     name (``class_names`` id -> name, else the id) and, when given, score. ``colors``: one RGB per box
     (default red)."""
-    from detkd.prototype_export import label_font
-
     out = image.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
     font = label_font(11)
@@ -532,8 +521,6 @@ def detections_grid(
 ) -> Image.Image:
     """Paste ``cells[row][col]`` (each at most ``cell`` px on a side, centred) under a band of column labels;
     size :func:`grid_size`."""
-    from detkd.prototype_export import label_font
-
     rows, cols = len(cells), len(column_labels)
     canvas = Image.new("RGB", grid_size(rows, cols, cell), GRID_BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -598,11 +585,6 @@ def compare_detections(
     the student model, or as the teacher model when it does not fit: :func:`load_model`). Writes the PNG
     ``out`` and ``out`` with suffix ``.json`` (the drawn detections, xyxy in original image coordinates).
     Returns ``out``."""
-    from detkd.data import build_dataset, build_loader
-    from detkd.engine.evaluate import predict
-    from detkd.engine.trainer import resolve_device
-    from detkd.prototype_export import load_teacher
-
     if images < 1:
         raise ConfigError(f"--images: must be >= 1, got {images}")
     if not 0.0 <= score <= 1.0:

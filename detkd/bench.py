@@ -38,15 +38,18 @@ import yaml
 from detkd.config import (
     ConfigError,
     MethodConfig,
-    _normalise_methods,
     apply_overrides,
     config_from_dict,
     from_dict,
     load_raw,
     load_yaml,
+    normalise_methods,
+    resolve_config_path,
 )
+from detkd.distill import build_distiller
 from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import FINAL_METRICS
+from detkd.models.torchvision_build import NUM_LEVELS
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
 
@@ -100,8 +103,6 @@ class Run:
 def load_bench(path: str | Path, overrides: list[str] | None = None) -> tuple[BenchConfig, dict[str, BenchMethod]]:
     """Read a bench file (or a shipped one by name, like ``bench/digits_retinanet``); config paths inside it
     are relative to the file. Errors name the file and key."""
-    from detkd.config import resolve_config_path
-
     path = resolve_config_path(path)
     raw = apply_overrides(load_yaml(path), overrides or [])
     try:
@@ -137,7 +138,7 @@ def _parse_methods(raw: dict[str, Any]) -> dict[str, BenchMethod]:
             raise ConfigError(f"{where}: {label!r} is not a usable row label (reserved or contains '/')")
         if not isinstance(value, dict):
             value = {"methods": value}
-        value = _normalise_methods(dict(value))
+        value = normalise_methods(dict(value))
         out[label] = from_dict(BenchMethod, value, where)
         if not out[label].methods:
             raise ConfigError(f"{where}: name at least one method")
@@ -214,9 +215,6 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
 def _validate(run_cfg) -> None:
     """Method names and options too, not only the config's types: a bad option would otherwise surface only
     when its run starts, maybe an hour into the bench."""
-    from detkd.distill.base import build_distiller
-    from detkd.models.torchvision_build import NUM_LEVELS
-
     if run_cfg.distill is None:
         return
     t_ch = [run_cfg.distill.teacher.fpn_channels] * NUM_LEVELS  # every FPN level has the FPN's width

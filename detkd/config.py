@@ -302,7 +302,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _normalise_methods(raw: dict[str, Any]) -> dict[str, Any]:
+def normalise_methods(raw: dict[str, Any]) -> dict[str, Any]:
     """Accept ``methods: [defeat, kd]`` and ``methods: [{name: kd, weight: 2, T: 4}]``.
 
     Keys of a method entry other than ``name`` and ``weight`` are that method's options.
@@ -453,7 +453,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     if "model" in raw:
         raw["model"] = check_torchvision_keys(raw["model"], "model")
     if isinstance(raw.get("distill"), dict):
-        raw["distill"] = _normalise_methods(raw["distill"])
+        raw["distill"] = normalise_methods(raw["distill"])
         if "teacher" in raw["distill"]:
             raw["distill"]["teacher"] = check_torchvision_keys(raw["distill"]["teacher"], "distill.teacher")
     return validate(_expand_home(_apply_presets(from_dict(Config, raw))))

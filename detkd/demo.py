@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from detkd.bench import run_bench
 from detkd.config import DataConfig, DigitsConfig, ModelConfig, TrainConfig, to_dict
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
@@ -80,8 +81,6 @@ def story(table: list[dict[str, Any]]) -> str:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
-    from detkd.bench import run_bench
-
     t0 = time.perf_counter()
     summary = run_bench(demo_files(out_dir, quick))
     print(story(summary["table"]))

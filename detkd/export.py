@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 
 from detkd.config import ConfigError, ModelConfig, from_dict
+from detkd.models import build_detector
+from detkd.models import torchvision_build as tvb
 from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from detkd.runtime.files import atomic_write_text
 
 
-def _pick_checkpoint(run_dir: Path, name: str) -> Path:
+def pick_checkpoint(run_dir: Path, name: str) -> Path:
     path = run_dir / name
     if path.is_file():
         return path
@@ -35,11 +37,8 @@ def _pick_checkpoint(run_dir: Path, name: str) -> Path:
 def export_student(run_dir: str | Path, out: str | Path, checkpoint: str = "best.pt", torchscript: bool = False,
                    onnx: bool = False) -> list[Path]:
     """Write the student of ``run_dir`` to ``out``; returns the files written."""
-    from detkd.models import build_detector
-    from detkd.models import torchvision_build as tvb
-
     run_dir, out = Path(run_dir), Path(out)
-    ckpt_path = _pick_checkpoint(run_dir, checkpoint)
+    ckpt_path = pick_checkpoint(run_dir, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     if "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{ckpt_path} is not a detkd training checkpoint (no 'model' / 'config' entry)")

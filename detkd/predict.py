@@ -22,8 +22,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from detkd.analysis import draw_detections
 from detkd.config import ConfigError, ModelConfig, from_dict
+from detkd.engine.logger import Progress
+from detkd.export import pick_checkpoint
+from detkd.models import build_detector
+from detkd.models.weights import is_weights_name
 from detkd.runtime.checkpoint import CheckpointError, load_checkpoint
+from detkd.runtime.console import info
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 RESULTS = "detections.json"
@@ -38,8 +44,6 @@ class PredictSummary:
 
 
 def _model_from(spec: dict, state: dict, source: Path) -> tuple[nn.Module, ModelConfig]:
-    from detkd.models import build_detector
-
     cfg = from_dict(ModelConfig, spec, f"{source}: model")
     # the state dict below holds every tensor (cfg keeps its weights name: class names may come from it)
     model = build_detector(dataclasses.replace(cfg, weights="none", backbone_weights="none"))
@@ -53,8 +57,6 @@ def _model_from(spec: dict, state: dict, source: Path) -> tuple[nn.Module, Model
 def load_model(source: str | Path, checkpoint: str = "best.pt") -> tuple[nn.Module, ModelConfig, Path]:
     """(model in eval mode, its config, the file the weights came from) for a training checkpoint, a run
     folder (``checkpoint`` in it, ``best.pt`` falling back to ``last.pt``) or an exported student folder."""
-    from detkd.export import _pick_checkpoint
-
     source = Path(source)
     if source.is_dir() and (source / "model.json").is_file():
         spec = json.loads((source / "model.json").read_text())
@@ -64,7 +66,7 @@ def load_model(source: str | Path, checkpoint: str = "best.pt") -> tuple[nn.Modu
         state = load_checkpoint(weights)
         return (*_model_from(spec["model"], state, weights), weights)
     if source.is_dir():
-        source = _pick_checkpoint(source, checkpoint)
+        source = pick_checkpoint(source, checkpoint)
     elif not source.is_file():
         raise FileNotFoundError(f"no checkpoint, run folder or exported student at {source}")
     ckpt = load_checkpoint(source)
@@ -106,7 +108,6 @@ def class_names_for(cfg: ModelConfig, names_file: str | None = None) -> dict[int
             return {int(c["id"]): str(c["name"]) for c in cats}
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         return {i + 1: name for i, name in enumerate(lines)}
-    from detkd.models.weights import is_weights_name
 
     if is_weights_name(cfg.weights):
         import torchvision
@@ -143,10 +144,6 @@ def predict_images(source: str | Path, inputs: list[str | Path], out: str | Path
                    progress: bool = True) -> PredictSummary:
     """Detect on every image of ``inputs`` with the model of ``source``; write the drawn images and
     ``detections.json`` to ``out``. Unreadable images are reported on stderr and skipped."""
-    from detkd.analysis import draw_detections
-    from detkd.engine.logger import Progress
-    from detkd.runtime.console import info
-
     if not 0.0 <= score <= 1.0:
         raise ConfigError(f"--score must be in [0, 1], got {score}")
     model, cfg, weights = load_model(source, checkpoint)

@@ -28,9 +28,15 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
 
+from detkd.assemble import feature_loader, load_student, load_teacher, resolve_device
 from detkd.config import Config, ConfigError, to_dict
+from detkd.distill import REGISTRY, build_distiller
+from detkd.distill.base import DistillContext
+from detkd.distill.global_kd import PrototypeDistiller
+from detkd.distill.pgm import select_prototypes
+from detkd.models import paired_channels, pyramid_levels
+from detkd.runtime import dist
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
 
@@ -48,52 +54,11 @@ BACKGROUND = (255, 255, 255)
 
 def prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
     """(name, options) of the first method of the run that uses a prototype bank, else ``global``'s defaults."""
-    from detkd.distill.base import REGISTRY
-    from detkd.distill.global_kd import PrototypeDistiller
-
     for m in cfg.distill.methods:
         cls = REGISTRY.get(m.name)
         if cls is not None and issubclass(cls, PrototypeDistiller):
             return m.name, dict(m.options)
     return "global", {}
-
-
-def load_student(cfg: Config, checkpoint: str) -> nn.Module:
-    """The student of ``cfg.model`` with the weights of ``checkpoint`` (detkd checkpoint or plain state dict)."""
-    from detkd.models import build_detector, checkpoint_state_dict, load_checked
-    from detkd.runtime.checkpoint import CheckpointError
-
-    if not Path(checkpoint).is_file():
-        raise CheckpointError(f"--checkpoint: student checkpoint not found: {checkpoint}")
-    student = build_detector(cfg.model)
-    try:
-        load_checked(student, checkpoint_state_dict(checkpoint), checkpoint)
-    except RuntimeError as e:
-        raise CheckpointError(f"--checkpoint: {e} (model {cfg.model.arch}/{cfg.model.backbone}, "
-                              f"{cfg.model.num_classes} classes, fpn_channels {cfg.model.fpn_channels})") from None
-    return student
-
-
-def load_teacher(cfg: Config) -> nn.Module:
-    """The frozen teacher of ``cfg.distill`` (model ``teacher``, weights ``teacher_checkpoint``), eval mode."""
-    from detkd.engine.trainer import _with_weights
-    from detkd.models import build_detector, check_pair
-    from detkd.runtime.checkpoint import CheckpointError
-
-    dc = cfg.distill
-    check_pair(dc.teacher, cfg.model)
-    if not dc.teacher_checkpoint:
-        raise ConfigError("distill.teacher_checkpoint: a trained teacher checkpoint is required")
-    if not Path(dc.teacher_checkpoint).is_file():
-        raise CheckpointError(f"distill.teacher_checkpoint: teacher checkpoint not found: {dc.teacher_checkpoint}")
-    try:
-        teacher = build_detector(_with_weights(dc.teacher, dc.teacher_checkpoint))
-    except RuntimeError as e:
-        raise CheckpointError(f"distill.teacher_checkpoint: {e}") from None
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 class _CostRecorder:
@@ -112,7 +77,6 @@ class _CostRecorder:
     def __call__(self, level: int, cls: int, ft, fs, areas):
         if self.bank.generator != "pgm" or ft.shape[0] == 0:
             return self.original(level, cls, ft, fs, areas)
-        from detkd.distill.pgm import select_prototypes
 
         res = select_prototypes(ft, fs, k=self.bank.k, lam=self.bank.lam, **self.bank.gen_opts)
         self.costs[(level, cls)] = [float(c) for c in res.costs.cpu()]
@@ -198,11 +162,6 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     """Select the prototypes with the teacher of ``cfg.distill`` and the student weights in ``checkpoint``
     exactly as a training epoch would, and write ``prototypes.pt``, ``prototypes.json`` and one
     ``gallery_level{L}.png`` per pyramid level to ``out`` (see the module docstring). Returns ``out``."""
-    from detkd.distill.base import DistillContext, build_distiller
-    from detkd.engine.trainer import _feature_loader, resolve_device
-    from detkd.models import paired_channels, pyramid_levels
-    from detkd.runtime import dist
-
     t_start = time.perf_counter()
     if cfg.distill is None:
         raise ConfigError("the config has no distill section: `detkd prototypes` needs a distillation config "
@@ -210,9 +169,7 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     out = Path(out)
     device = resolve_device(cfg.train.device)
 
-    from detkd.distill import load_builtin
 
-    load_builtin()
     name, options = prototype_method(cfg)
     info(f"prototypes: method {name!r} options {options or '(defaults)'}; loading teacher and student")
     teacher = load_teacher(cfg)
@@ -226,7 +183,7 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     teacher.to(device)
     student.to(device)
 
-    loader = _feature_loader(cfg)
+    loader = feature_loader(cfg)
     info(f"prototypes: extracting instance features from {len(loader.dataset)} training images (no augmentation)")
     ctx = DistillContext(teacher=teacher, student=student, loader=loader, device=device, epoch=0, pairs=pairs,
                          epochs=cfg.train.epochs)

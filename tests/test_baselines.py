@@ -19,7 +19,7 @@ import detkd.distill.fitnet  # noqa: F401
 import detkd.distill.kd  # noqa: F401
 import detkd.distill.rkd  # noqa: F401
 from detkd.config import ConfigError
-from detkd.distill.base import build_distiller
+from detkd.distill import build_distiller
 from detkd.distill.common import box_mask, box_masks, grid_anchors, imitation_masks, level_anchors
 from detkd.distill.rkd import rkd_angle_loss, rkd_distance_loss
 from detkd.taps import Taps

@@ -162,7 +162,7 @@ def test_combined_methods_with_weights_and_decay(data_root, teachers, tmp_path):
 
 
 def test_balance_scales_by_hand():
-    from detkd.engine.trainer import balance_scales
+    from detkd.engine.step import balance_scales
 
     det = {"a": torch.tensor(0.6), "b": torch.tensor(0.4)}  # detection loss 1.0
     outputs = [{"feat": torch.tensor(150.0), "bg": torch.tensor(50.0)}, {"kd": torch.tensor(0.25)}]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detkd.config import ConfigError, from_dict
-from detkd.distill.base import REGISTRY
+from detkd.distill import REGISTRY
 from detkd.distill.fgd import FGD, FGDOptions, background_mask, foreground_mask
 from detkd.taps import Taps
 

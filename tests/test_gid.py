@@ -10,7 +10,7 @@ import torch
 from torchvision.models.detection import FCOS
 
 from detkd.config import ConfigError, from_dict
-from detkd.distill.base import REGISTRY
+from detkd.distill import REGISTRY
 from detkd.distill.gid import (
     GID,
     GIDOptions,

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from detkd.distill.base import build_distiller
+from detkd.distill import build_distiller
 from detkd.distill.global_kd import (
     authors_decoupled_terms,
     cosine_all_terms,
@@ -31,7 +31,7 @@ from detkd.distill.global_kd import (
 )
 from detkd.distill.kd import dense_kd
 from detkd.distill.prototypes import instance_features
-from detkd.engine.trainer import weigh_terms
+from detkd.engine.step import weigh_terms
 from detkd.taps import Taps
 from tests.test_global import bank_state, constant_taps
 

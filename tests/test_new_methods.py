@@ -14,7 +14,7 @@ import torch
 
 from detkd.cli import main
 from detkd.config import ConfigError
-from detkd.distill.base import REGISTRY, build_distiller
+from detkd.distill import REGISTRY, build_distiller
 from detkd.distill.cwd import channel_kl
 from detkd.distill.describe import option_comments, registry
 from detkd.distill.mgd import keep_mask, mask_seed, mgd_loss

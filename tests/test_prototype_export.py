@@ -11,11 +11,12 @@ import torch
 import yaml
 from PIL import Image
 
+from detkd.assemble import feature_loader
 from detkd.cli import main
 from detkd.config import to_dict
 from detkd.data import build_dataset
-from detkd.distill.base import DistillContext, build_distiller
-from detkd.engine.trainer import _feature_loader
+from detkd.distill import build_distiller
+from detkd.distill.base import DistillContext
 from detkd.models import build_detector, feature_channels
 from detkd.prototype_export import BACKGROUND, CELL, GAP, HEADER_H, LABEL_W, gallery_size, instance_table
 from tests.engine_helpers import random_global_pair, tiny_config, tiny_model
@@ -69,7 +70,7 @@ def test_selection_equals_training_refresh(setup):
     student = build_detector(cfg.model)
     student.load_state_dict(torch.load(setup["root"] / "student.pt", weights_only=True))
     d = build_distiller("global", {"k": 3}, feature_channels(teacher), feature_channels(student), "retinanet")
-    d.on_epoch_start(DistillContext(teacher=teacher.eval(), student=student, loader=_feature_loader(cfg),
+    d.on_epoch_start(DistillContext(teacher=teacher.eval(), student=student, loader=feature_loader(cfg),
                                     device=torch.device("cpu"), epoch=0, epochs=1))
     data = torch.load(setup["out"] / "prototypes.pt", weights_only=True)
     for lv, level in enumerate(data["levels"]):

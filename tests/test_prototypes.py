@@ -7,7 +7,8 @@ import torch
 
 from detkd.config import ModelConfig
 from detkd.data.common import DetectionDataset
-from detkd.distill.base import DistillContext, build_distiller
+from detkd.distill import build_distiller
+from detkd.distill.base import DistillContext
 from detkd.distill.prototypes import (
     GENERATORS,
     PrototypeBank,

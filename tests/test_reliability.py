@@ -28,7 +28,7 @@ from PIL import Image
 from detkd.cli import main
 from detkd.config import ConfigError, DataConfig, MethodConfig, load_config, to_dict
 from detkd.data import DataError, build_dataset
-from detkd.distill.base import build_distiller
+from detkd.distill import build_distiller
 from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import DistillStep, NonFiniteLossError, fit
 from detkd.models import build_detector

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from detkd.assemble import build_models
 from detkd.config import ConfigError, MethodConfig, ModelConfig
 from detkd.engine.logger import read_jsonl
-from detkd.engine.trainer import build_models, fit
+from detkd.engine.trainer import fit
 from detkd.models import build_detector
 from detkd.runtime.checkpoint import save_checkpoint
 from tests.engine_helpers import SIZE, tiny_config, with_distill

@@ -1,13 +1,60 @@
-"""Distillation methods. Importing a method module registers it (see :mod:`detkd.distill.base`)."""
+"""Distillation methods: :data:`REGISTRY` maps a method's name (``distill.methods[].name``) to its class."""
 
 from __future__ import annotations
 
-import importlib
+from typing import Any
 
-BUILTIN_MODULES = ("fitnet", "fgfi", "defeat", "kd", "rkd", "fgd", "gid", "global_kd", "pkd", "cwd", "mgd")
+from detkd.config import ConfigError, from_dict
+from detkd.distill.base import Distiller, check_option_values
+from detkd.distill.cwd import CWD
+from detkd.distill.defeat import DeFeat
+from detkd.distill.fgd import FGD
+from detkd.distill.fgfi import FGFI
+from detkd.distill.fitnet import FitNet
+from detkd.distill.gid import GID
+from detkd.distill.global_kd import DeFeatProto, GlobalKD, KDProto, RKDProto
+from detkd.distill.kd import KD
+from detkd.distill.mgd import MGD
+from detkd.distill.pkd import PKD
+from detkd.distill.rkd import RKD
+
+REGISTRY: dict[str, type[Distiller]] = {
+    "fitnet": FitNet,
+    "fgfi": FGFI,
+    "defeat": DeFeat,
+    "kd": KD,
+    "rkd": RKD,
+    "fgd": FGD,
+    "gid": GID,
+    "global": GlobalKD,
+    "defeat_proto": DeFeatProto,
+    "kd_proto": KDProto,
+    "rkd_proto": RKDProto,
+    "pkd": PKD,
+    "cwd": CWD,
+    "mgd": MGD,
+}
 
 
-def load_builtin() -> None:
-    """Import every built-in method module so that the registry is complete."""
-    for name in BUILTIN_MODULES:
-        importlib.import_module(f"detkd.distill.{name}")
+def build_distiller(
+    name: str,
+    options: dict[str, Any],
+    teacher_channels: list[int],
+    student_channels: list[int],
+    arch: str,
+    where: str = "distill",
+) -> Distiller:
+    """Look ``name`` up in the registry, validate its options, and check it supports ``arch``."""
+    if name not in REGISTRY:
+        raise ConfigError(f"{where}.name: unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    cls = REGISTRY[name]
+    if arch not in cls.archs:
+        raise ConfigError(
+            f"{where}.name: method {name!r} does not support {arch} (supported: {', '.join(cls.archs)})"
+        )
+    opts = from_dict(cls.Options, options, f"{where}.options")
+    check_option_values(opts, where)
+    try:
+        return cls(opts, teacher_channels, student_channels, arch)
+    except ConfigError as e:  # the method's own checks: say which entry of distill.methods they concern
+        raise ConfigError(f"{where} ({name}): {e}") from None

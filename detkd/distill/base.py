@@ -1,4 +1,4 @@
-"""The distiller interface and its registry.
+"""The distiller interface and the option checks shared by every method.
 
 A distiller is an ``nn.Module`` (its parameters are adapters, trained with the student) built from a
 typed options dataclass. ``forward(teacher, student, targets)`` takes the :class:`~detkd.taps.Taps` of
@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from detkd.config import ConfigError, from_dict
+from detkd.config import ConfigError
 from detkd.taps import TapRequest, Taps
 
 
@@ -40,8 +40,10 @@ class DistillContext:
 
 
 class Distiller(nn.Module):
-    """Base class. Subclasses set ``Options`` (a dataclass), ``archs`` and ``request``."""
+    """Base class. Subclasses set ``name`` (their key in :data:`detkd.distill.REGISTRY`), ``Options`` (a
+    dataclass), and ``archs`` and ``request`` where they differ from these defaults."""
 
+    name: ClassVar[str]
     Options: ClassVar[type]
     archs: ClassVar[tuple[str, ...]] = ("faster_rcnn", "retinanet", "fcos")
     # names of the terms the run-level ``distill.decay`` leaves alone (the engine multiplies every other term
@@ -62,46 +64,6 @@ class Distiller(nn.Module):
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         raise NotImplementedError
-
-
-REGISTRY: dict[str, type[Distiller]] = {}
-
-
-def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
-    def deco(cls: type[Distiller]) -> type[Distiller]:
-        REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
-
-
-def build_distiller(
-    name: str,
-    options: dict[str, Any],
-    teacher_channels: list[int],
-    student_channels: list[int],
-    arch: str,
-    where: str = "distill",
-) -> Distiller:
-    """Look ``name`` up in the registry, validate its options, and check it supports ``arch``."""
-    from detkd.distill import load_builtin
-
-    load_builtin()
-
-    if name not in REGISTRY:
-        raise ConfigError(f"{where}.name: unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
-    cls = REGISTRY[name]
-    if arch not in cls.archs:
-        raise ConfigError(
-            f"{where}.name: method {name!r} does not support {arch} (supported: {', '.join(cls.archs)})"
-        )
-    opts = from_dict(cls.Options, options, f"{where}.options")
-    check_option_values(opts, where)
-    try:
-        return cls(opts, teacher_channels, student_channels, arch)
-    except ConfigError as e:  # the method's own checks: say which entry of distill.methods they concern
-        raise ConfigError(f"{where} ({name}): {e}") from None
 
 
 # Options that may be negative: seeds, and score thresholds where a negative value means "keep all".

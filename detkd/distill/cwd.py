@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.config import ConfigError
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import build_adapters, check_levels, resolve_adapter, select_levels
 from detkd.taps import TapRequest, Taps
 
@@ -64,9 +64,10 @@ def channel_kl(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
     return kl * tau**2 / (n * c)
 
 
-@register("cwd")
 class CWD(Distiller):
     """``cwd_feat = weight * sum_l L_cwd(adapter_l(S_l), T_l)``: per-channel spatial distributions (KL)."""
+
+    name = "cwd"
 
     Options = CWDOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

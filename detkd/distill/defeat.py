@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import (
     box_masks,
     build_adapters,
@@ -105,9 +105,10 @@ def decoupled_roi_kd(teacher: Taps, student: Taps, temperature: float, method: s
     return fg, bg
 
 
-@register("defeat")
 class DeFeat(Distiller):
     """Decoupled foreground / background feature imitation, plus decoupled RoI KD on Faster R-CNN."""
+
+    name = "defeat"
 
     Options = DeFeatOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

@@ -20,14 +20,12 @@ import types
 import typing
 from typing import Any
 
-from detkd.distill.base import REGISTRY, Distiller
+from detkd.distill import REGISTRY
+from detkd.distill.base import Distiller
 
 
 def registry() -> dict[str, type[Distiller]]:
     """Every built-in method, by registry name (sorted)."""
-    from detkd.distill import load_builtin
-
-    load_builtin()
     return dict(sorted(REGISTRY.items()))
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkd.config import ConfigError
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.taps import TapRequest, Taps
 
 # The authors' configs per detector family; every value can be overridden by an option.
@@ -165,9 +165,10 @@ def fgd_level_losses(s: Tensor, t: Tensor, fg: Tensor, bg: Tensor, temp: float, 
 # Distiller
 
 
-@register("fgd")
 class FGD(Distiller):
     """Focal and Global Distillation on the FPN outputs (all levels; Faster R-CNN: P2-P5, not 'pool')."""
+
+    name = "fgd"
 
     Options = FGDOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from detkd.config import ConfigError
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import (
     build_adapters,
     check_adapters,
@@ -50,9 +50,10 @@ class FGFIOptions:
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # generated anchors (h / w)
 
 
-@register("fgfi")
 class FGFI(Distiller):
     """``fgfi_feat = weight * L_imitation`` (see the module docstring)."""
+
+    name = "fgfi"
 
     Options = FGFIOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import build_adapters, check_adapters, check_pyramids
 from detkd.taps import TapRequest, Taps
 
@@ -26,9 +26,10 @@ class FitNetOptions:
     adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv1x1"  # the regressor from student to teacher width
 
 
-@register("fitnet")
 class FitNet(Distiller):
     """``fitnet_feat = weight * mean_l MSE(adapter_l(S_l), T_l)`` over the pyramid levels l."""
+
+    name = "fitnet"
 
     Options = FitNetOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

@@ -34,7 +34,7 @@ from torchvision.models.detection._utils import BoxCoder, BoxLinearCoder, Matche
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from detkd.config import ConfigError
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import sigmoid_kl
 from detkd.taps import TapRequest, Taps, pool_boxes
 
@@ -268,9 +268,10 @@ def roi_response_loss(t_logits: Tensor, s_logits: Tensor, t_deltas: Tensor, s_de
 # Distiller
 
 
-@register("gid")
 class GID(Distiller):
     """General Instance Distillation: feature, relation and response losses on general instances."""
+
+    name = "gid"
 
     Options = GIDOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

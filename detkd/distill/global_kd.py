@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.config import ConfigError
-from detkd.distill.base import DistillContext, Distiller, register
+from detkd.distill.base import DistillContext, Distiller
 from detkd.distill.common import (
     box_cell_ranges,
     build_adapters,
@@ -89,9 +89,10 @@ from detkd.distill.common import (
 )
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
+from detkd.distill.pgm import project, project_grouped
 from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features_levels
 from detkd.runtime.faults import fault_point
-from detkd.taps import TapRequest, Taps, box_levels, pool_levels
+from detkd.taps import TapRequest, Taps, box_levels, pool_boxes, pool_levels
 
 GeneratorName = Literal[
     "pgm", "kmeans_teacher", "kmeans_student", "dbscan_teacher", "dbscan_student", "ambiguous", "random"
@@ -494,8 +495,6 @@ class PrototypeDistiller(Distiller):
     def relations(self, teacher: Taps, student: Taps, inst: Instances) -> list[LevelRelations]:
         """Per level: pooled features and Eq. 5 coordinates of every instance whose class has prototypes,
         all classes of a level in one :func:`~detkd.distill.pgm.project_grouped` call."""
-        from detkd.distill.pgm import project_grouped
-
         opts = self.opts
         out = []
         device = student.features[0].device
@@ -554,9 +553,6 @@ class PrototypeDistiller(Distiller):
         its canonical level, the level and pooling of the detector's RoI head (torchvision's
         MultiScaleRoIAlign), with the class's prototypes of that level (authors' RoI-score KL weight:
         ``resp_sigma_from: roi_align``). The kind of sigma is ``sigma``; 1 for a class without prototypes."""
-        from detkd.distill.pgm import project
-        from detkd.taps import pool_boxes
-
         opts = self.opts
         device = student.features[0].device
         sig = torch.ones(inst.num, device=device)
@@ -622,9 +618,10 @@ class PrototypeDistiller(Distiller):
 # global: RDM (Eq. 6-9)
 
 
-@register("global")
 class GlobalKD(PrototypeDistiller):
     """RDM of the global-knowledge method (module docstring): L_global, L_local_feat, L_local_resp."""
+
+    name = "global"
 
     Options = GlobalOptions
     archs = ("faster_rcnn", "retinanet", "fcos")
@@ -739,7 +736,6 @@ class DeFeatProtoOptions(DeFeatOptions, PrototypeOptions):
     """The prototype options, then DeFeat's (same names and defaults)."""
 
 
-@register("defeat_proto")
 class DeFeatProto(PrototypeDistiller):
     """DeFeat + prototypes (Table 4): the foreground mask of the decoupled feature loss holds, on each
     level, the sigma (Eq. 8) of the instance covering the cell (largest if several), and each positive
@@ -748,6 +744,8 @@ class DeFeatProto(PrototypeDistiller):
         defeat_proto_fg = fg_weight * mean_l sum w_l (A(S_l) - T_l)^2 / (2 * count(box cells_l) * C)
         defeat_proto_roi_fg = roi_fg_weight * sum_{pos RoIs} sigma KL_T / count(pos RoIs)
     """
+
+    name = "defeat_proto"
 
     Options = DeFeatProtoOptions
     archs = ("faster_rcnn", "retinanet", "fcos")
@@ -787,12 +785,13 @@ class KDProtoOptions(KDOptions, PrototypeOptions):
     """The prototype options, then vanilla KD's (same names and defaults)."""
 
 
-@register("kd_proto")
 class KDProto(PrototypeDistiller):
     """Vanilla KD + prototypes (Table 4): the softened KL of every positive RoI / anchor is weighted by the
     sigma (Eq. 8) of its instance on the instance's canonical level; negatives keep weight 1. Samples,
     temperature and normalisation as :mod:`detkd.distill.kd` (``auto``: all sampled RoIs for Faster R-CNN,
     positive anchors for one-stage detectors), i.e. ``kd_proto_cls = weight * sum w KL / count``."""
+
+    name = "kd_proto"
 
     Options = KDProtoOptions
     archs = ("faster_rcnn", "retinanet", "fcos")
@@ -822,7 +821,6 @@ class RKDProtoOptions(PrototypeOptions):
     weight: float = 1.0
 
 
-@register("rkd_proto")
 class RKDProto(PrototypeDistiller):
     """RKD + prototypes (Table 4): the relation of an instance is its projection on its class's prototypes
     (Eq. 5 coordinates Lambda) instead of its distances to the other instances of the batch. As in RKD,
@@ -832,6 +830,8 @@ class RKDProto(PrototypeDistiller):
 
     (no sigma weighting; instances of classes without prototypes contribute 0).
     """
+
+    name = "rkd_proto"
 
     Options = RKDProtoOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

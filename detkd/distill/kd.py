@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import check_logits, check_temperature, graph_zero, sigmoid_kl, softmax_kl
 from detkd.taps import TapRequest, Taps
 
@@ -104,9 +104,10 @@ def dense_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "a
     return kl_rows.sum() / max(kl_rows.shape[0], 1) + graph_zero([zs])
 
 
-@register("kd")
 class KD(Distiller):
     """Temperature-softened KL between teacher and student classification outputs."""
+
+    name = "kd"
 
     Options = KDOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from detkd.config import ConfigError
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import build_adapters, check_levels, resolve_adapter, select_levels
 from detkd.runtime import dist
 from detkd.taps import TapRequest, Taps
@@ -92,10 +92,11 @@ class MGDLevel(nn.Module):
         return self.generator(self.align(student) * keep)
 
 
-@register("mgd")
 class MGD(Distiller):
     """``mgd_feat = alpha * sum_l sum (T_l - G_l(align_l(S_l) * M_l))^2 / N``: regenerate the teacher's map
     from a randomly masked student map."""
+
+    name = "mgd"
 
     Options = MGDOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import build_adapters, check_levels, resolve_adapter, select_levels
 from detkd.taps import TapRequest, Taps
 
@@ -80,9 +80,10 @@ def pkd_loss(student: Tensor, teacher: Tensor, stats: str = "instance", eps: flo
     return 0.5 * ((s - t) ** 2).mean()
 
 
-@register("pkd")
 class PKD(Distiller):
     """``pkd_feat = weight * sum_l 1/2 MSE(standardise(adapter_l(S_l)), standardise(T_l))`` over the levels l."""
+
+    name = "pkd"
 
     Options = PKDOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

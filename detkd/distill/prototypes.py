@@ -49,7 +49,9 @@ import torch
 from torch import Tensor
 
 from detkd.distill.common import box_cell_ranges
-from detkd.taps import Taps
+from detkd.distill.pgm import select_prototypes
+from detkd.runtime.dist import all_gather_cat, all_gather_objects, is_main, rank, world_size
+from detkd.taps import TapRequest, Taps, pool_boxes, select_levels, tap_teacher, transform_batch
 
 GENERATORS = (
     "pgm",
@@ -100,8 +102,6 @@ def instance_features(
     ``boxes`` are per-image (M_i, 4) xyxy boxes in the transformed frame. Differentiable with respect to
     the features (the student's gradients flow through it).
     """
-    from detkd.taps import pool_boxes
-
     if extraction == "roi_align":
         levels = [torch.full((b.shape[0],), level, dtype=torch.int64, device=b.device) for b in boxes]
         pooled = pool_boxes(taps, list(boxes), output_size=roi_size, levels=levels)
@@ -128,8 +128,6 @@ def instance_features_levels(
     :func:`detkd.taps.pool_boxes` call: one RoIAlign per level, no per-box or per-level Python work.
     RoIAlign pools every RoI on its own, so the vectors equal :func:`instance_features`'s.
     """
-    from detkd.taps import pool_boxes
-
     num_levels = len(taps.features)
     if extraction != "roi_align" or len({int(f.shape[1]) for f in taps.features}) != 1:
         return [instance_features(taps, boxes, lv, extraction, roi_size) for lv in range(num_levels)]
@@ -252,8 +250,6 @@ def generate(
     if n == 0 or k <= 0:
         return torch.zeros(0, dtype=torch.int64)
     if method == "pgm":
-        from detkd.distill.pgm import select_prototypes
-
         return select_prototypes(feat_t, feat_s, k=k, lam=lam, **pgm_opts).indices.cpu().to(torch.int64)
     if n <= k:
         return torch.arange(n, dtype=torch.int64)
@@ -385,8 +381,6 @@ def select_images(eligible: dict[int, list[int]], cap: int, seed: int) -> set[tu
     instance of it, over ALL ranks (``eligible``: this rank's image id -> eligible instance labels). Each rank
     sends only its own bottom-``cap`` per class, which holds every global winner of its shard; the result
     is the same for any number of ranks and loader order. None = no cap (keep everything)."""
-    from detkd.runtime.dist import all_gather_objects
-
     if cap <= 0:
         return None
     per_class: dict[int, list[tuple[int, int]]] = {}
@@ -509,8 +503,6 @@ class PrototypeBank:
         ``device`` is where the generator runs. Under DDP the (level, class) jobs are split across ranks
         and the results shared, so every rank ends with the same bank.
         """
-        from detkd.runtime.dist import all_gather_objects, is_main, rank, world_size
-
         if len(feats_t) != len(feats_s):
             raise ValueError(f"build_from_features: {len(feats_t)} teacher levels but {len(feats_s)} student")
         labels = labels.cpu()
@@ -555,9 +547,6 @@ class PrototypeBank:
         otherwise from one pass over the loader's targets (``min_box`` > 0: boxes in the student's input
         frame, through :func:`detkd.taps.transform_batch`). No detector runs.
         """
-        from detkd.runtime.dist import rank
-        from detkd.taps import transform_batch
-
         out: Wanted = {}
         if index is not None and self.min_box <= 0:
             for _, img, labels in index:
@@ -592,8 +581,6 @@ class PrototypeBank:
         """(images, targets, image ids) of the images holding a wanted instance, each image once; no other
         image reaches a detector. With ``index``: a loader over just those data set items (full batches,
         nothing else decoded); otherwise ``context.loader``'s batches sliced to them (empty ones skipped)."""
-        from detkd.runtime.dist import is_main, rank
-
         bar = None
         if is_main():
             from tqdm import tqdm
@@ -641,8 +628,6 @@ class PrototypeBank:
         """Keys (image id, box index), labels, areas, and per-level student (and teacher) features of this
         rank's ``wanted`` instances, on CPU. Only the images holding one go through the detectors (their
         backbone + FPN only, eval mode, no grad)."""
-        from detkd.taps import TapRequest, select_levels, tap_teacher, transform_batch
-
         student, teacher = context.student, context.teacher
         request = TapRequest(features=True)
         pairs = getattr(context, "pairs", None)  # pyramids of different levels: the paired ones only
@@ -696,8 +681,6 @@ class PrototypeBank:
         (:meth:`_plan`: eligible boxes, images-per-class cap), later the cached ones; only the images
         holding one are forwarded. :meth:`refresh` is this followed by :meth:`build_from_features`.
         """
-        from detkd.runtime.dist import all_gather_cat, all_gather_objects
-
         t0 = time.perf_counter()
         first = self._teacher_cache is None
         index = annotation_index(context.loader)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.config import ConfigError
-from detkd.distill.base import Distiller, register
+from detkd.distill.base import Distiller
 from detkd.distill.common import graph_zero
 from detkd.taps import TapRequest, Taps, pool_boxes
 
@@ -85,9 +85,10 @@ class RKDOptions:
     max_instances: int = 64  # a random subset of this size when a scope holds more (the angle term is cubic)
 
 
-@register("rkd")
 class RKD(Distiller):
     """``rkd_distance`` and ``rkd_angle`` terms (an angle weight of 0 drops the angle term)."""
+
+    name = "rkd"
 
     Options = RKDOptions
     archs = ("faster_rcnn", "retinanet", "fcos")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from detkd.engine.logger import Progress
+from detkd.evaluation import evaluate, outputs_to_detections
 from detkd.runtime import dist
 from detkd.runtime.faults import fault_point
 
@@ -30,8 +31,6 @@ def shutdown_workers(batches: Any) -> None:
 def predict(model: nn.Module, loader: Any, device: torch.device, progress: bool = True) -> list[dict]:
     """Detections of this rank's share of ``loader`` in COCO result format, in original image coordinates
     (label 0, background / never positive, is dropped)."""
-    from detkd.evaluation import outputs_to_detections
-
     was_training = model.training
     model.eval()
     detections: list[dict] = []
@@ -63,8 +62,6 @@ def evaluate_model(model: nn.Module, loader: Any, coco_gt: dict, device: torch.d
                    progress: bool = True, max_dets: Sequence[int] = (1, 10, 100)) -> dict[str, float]:
     """COCO + VOC metrics of ``model`` on ``loader``; identical on every rank (computed on rank 0).
     ``max_dets``: COCO's maximum detections per image (``eval.max_dets``)."""
-    from detkd.evaluation import evaluate
-
     t0 = time.perf_counter()
     dets = predict(model, loader, device, progress)
     gathered = dist.all_gather_objects(dets)

@@ -12,7 +12,7 @@ import io
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,19 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DistributedSampler, RandomSampler
 
+from detkd.assemble import build_models, feature_loader, resolve_device
 from detkd.config import Config, ConfigError, to_dict
+from detkd.data import build_dataset, build_loader, model_targets
+from detkd.data.samplers import ShardSampler, SkipSampler
+from detkd.distill.base import DistillContext
 from detkd.engine.evaluate import evaluate_model, shutdown_workers
 from detkd.engine.logger import Progress, RunLogger
 from detkd.engine.schedule import build_optimizer, build_scheduler
+from detkd.engine.step import DistillStep
+from detkd.models import build_detector, checkpoint_state_dict, load_checked
+from detkd.models.weights import check_checkpoint_fits
 from detkd.runtime import dist
 from detkd.runtime.checkpoint import (
     first_non_finite,
@@ -64,259 +71,6 @@ def _is_collective_failure(e: BaseException) -> bool:
         return True
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(h in text for h in _COLLECTIVE_HINTS)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Samplers
-
-
-class ShardSampler(Sampler[int]):
-    """Every ``world``-th index from ``rank``, no padding: each image is evaluated exactly once."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.indices = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class SkipSampler(Sampler[int]):
-    """The training sampler, able to start an epoch after its first ``skip`` indices (mid-epoch resume).
-
-    ``base`` is a ``RandomSampler`` drawing from the loader's generator (the order of a plain
-    ``shuffle=True`` loader) or a ``DistributedSampler``. The epoch's order is drawn in full, then the
-    indices already trained are passed over without loading them, so the rest of the epoch sees exactly
-    the images, in the order, of an uninterrupted run.
-    """
-
-    def __init__(self, base: Sampler[int] | None = None):
-        self.base = base
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        it = iter(self.base)
-        for _ in range(self.skip):
-            next(it, None)
-        yield from it
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Student + distillers as one module
-
-
-class DistillStep(nn.Module):
-    """Student and distillers in one module, so that DDP synchronises the adapters' gradients too.
-
-    The teacher is held outside the parameter tree: it is frozen, in eval mode, and never optimised.
-    """
-
-    def __init__(self, student: nn.Module, distillers: nn.ModuleList | None = None,
-                 weights: list[float] | None = None, teacher: nn.Module | None = None, balance: float = 0.0,
-                 pairs: list[tuple[int, int]] | None = None):
-        super().__init__()
-        self.student = student
-        # (teacher level, student level) of equal stride (detkd.models.pair_levels); None: the two pyramids
-        # are the same levels, passed to the distillers whole
-        self.pairs = pairs
-        self.distillers = distillers if distillers is not None else nn.ModuleList()
-        self.weights = weights or []
-        self._teacher = [teacher] if teacher is not None else []  # a list hides it from .parameters()
-        self.scale = 1.0  # distillation decay factor, set by the loop every epoch
-        self.balance = balance  # distill.balance: > 0 caps each method's loss at balance x detection loss
-        self.balance_scales: list[dict[str, float]] = []  # per method and term, fixed on the first step
-        if self.distillers:
-            from detkd.taps import TapRequest
-
-            req = TapRequest()
-            for d in self.distillers:
-                req = req.merge(d.request())
-            self.request = req
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher[0] if self._teacher else None
-
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]
-                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        if not self.distillers:
-            return self.student(images, targets), {}
-        from detkd.taps import tap_student, tap_teacher, transform_batch
-
-        image_list, tgts = transform_batch(self.student, images, targets)
-        det_losses, s_taps = tap_student(self.student, image_list, tgts)
-        t_taps = tap_teacher(self.teacher, image_list, tgts, self.request, s_taps)
-        if self.pairs is not None:
-            from detkd.taps import select_levels
-
-            t_taps = select_levels(t_taps, [i for i, _ in self.pairs])
-            s_taps = select_levels(s_taps, [j for _, j in self.pairs])
-        outputs = [d(t_taps, s_taps, tgts) for d in self.distillers]
-        if self.balance > 0 and not self.balance_scales:
-            self.balance_scales = balance_scales(det_losses, outputs, self.weights, self.balance)
-            info("distill.balance: term factors " + ", ".join(
-                f"{k} {b:.3g}" for scales in self.balance_scales for k, b in scales.items()))
-        factors = self.balance_scales or [{} for _ in outputs]
-        return det_losses, weigh_terms(outputs, list(self.distillers), self.weights, factors, self.scale)
-
-
-def weigh_terms(outputs: list[dict[str, Tensor]], distillers: list[nn.Module], weights: list[float],
-                factors: list[dict[str, float]], scale: float) -> dict[str, Tensor]:
-    """Every distiller's terms times its run-level ``weight``, its balance factor and the decay ``scale``
-    (``distill.decay``), except the terms the distiller lists in ``undecayed``, which keep scale 1."""
-    kd_losses: dict[str, Tensor] = {}
-    for d, out, w, b in zip(distillers, outputs, weights, factors):
-        exempt = getattr(d, "undecayed", frozenset())
-        for k, v in out.items():
-            kd_losses[k] = v * (w * b.get(k, 1.0) * (1.0 if k in exempt else scale))
-    return kd_losses
-
-
-def balance_scales(det_losses: dict[str, Tensor], outputs: list[dict[str, Tensor]], weights: list[float],
-                   balance: float) -> list[dict[str, float]]:
-    """``distill.balance``: one factor per distillation term, min(1, balance * detection loss / weighted
-    term), measured on the first batch (averaged over DDP ranks) and then fixed for the run.
-
-    The papers' loss weights were set on ImageNet-pretrained pairs; on a pair trained from scratch the
-    feature-imitation terms can start 20-10,000x above the detection loss and swamp it. The
-    factor never raises a weight, and terms that do not grow with the feature scale (KL divergences,
-    relations, projections on prototypes) usually keep their published weight.
-    """
-    det = sum(float(v.detach()) for v in det_losses.values())
-    names = [(i, k) for i, out in enumerate(outputs) for k in out]
-    values = [weights[i] * float(outputs[i][k].detach()) for i, k in names]
-    device = next(iter(det_losses.values())).device  # NCCL reduces CUDA tensors only
-    ratios = torch.tensor([balance * det / v if v > 0 else 1.0 for v in values], dtype=torch.float64,
-                          device=device)
-    ratios = dist.all_reduce_mean(ratios)
-    scales: list[dict[str, float]] = [{} for _ in outputs]
-    for (i, k), r in zip(names, ratios.tolist()):
-        scales[i][k] = min(1.0, r)
-    return scales
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building a run
-
-
-def resolve_device(name: str, timeout_s: int = 600) -> torch.device:
-    return dist.init_from_env(name, timeout_s=timeout_s)
-
-
-def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module | None, DistillStep]:
-    """Student, frozen teacher (or None) and the step module, all on ``device``."""
-    from detkd.distill.base import build_distiller
-    from detkd.models import build_detector, check_pair, paired_channels
-    from detkd.models.weights import check_checkpoint_fits
-
-    student = build_detector(cfg.model)
-    if cfg.distill is None:
-        return student.to(device), None, DistillStep(student.to(device))
-
-    dc = cfg.distill
-    check_pair(dc.teacher, cfg.model)
-    if not dc.teacher_checkpoint:
-        raise ConfigError("distill.teacher_checkpoint: a trained teacher checkpoint is required")
-    if not dc.methods:
-        raise ConfigError("distill.methods: name at least one method (e.g. methods: [fgfi])")
-    if Path(dc.teacher_checkpoint).is_file():  # (else a torchvision weights name, or not found below)
-        check_checkpoint_fits(dc.teacher_checkpoint, dc.teacher, "distill.teacher", "distill.teacher_checkpoint")
-    if dc.student_init == "checkpoint" and dc.student_checkpoint and Path(dc.student_checkpoint).is_file():
-        check_checkpoint_fits(dc.student_checkpoint, cfg.model, "model", "distill.student_checkpoint")
-    teacher_cfg = _with_weights(dc.teacher, dc.teacher_checkpoint)
-    teacher = build_detector(teacher_cfg)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    if dc.student_init == "checkpoint":
-        if not dc.student_checkpoint:
-            raise ConfigError("distill.student_checkpoint: required when distill.student_init is 'checkpoint'")
-        student = build_detector(_with_weights(cfg.model, dc.student_checkpoint))
-    elif dc.student_init == "inherit":
-        n = inherit_from_teacher(student, teacher)
-        info(f"inherit: copied {n} neck/head tensors from the teacher (shapes that match)")
-
-    # feature distillers compare levels of equal stride: pyramids differ (P2-P6, P3-P7, MobileNetV3's 3 levels)
-    pairs, t_ch, s_ch = paired_channels(teacher, student, "distill")
-    all_pairs = pairs or [(i, i) for i in range(len(t_ch))]
-    distillers = nn.ModuleList(
-        build_distiller(m.name, m.options, t_ch, s_ch, cfg.model.arch, where=f"distill.methods[{i}]")
-        for i, m in enumerate(dc.methods)
-    )
-    check_requests(distillers, teacher, student, all_pairs, _describe_model(dc.teacher), _describe_model(cfg.model))
-    weights = [m.weight for m in dc.methods]
-    teacher.to(device)
-    student.to(device)
-    step = DistillStep(student, distillers.to(device), weights, teacher, balance=dc.balance, pairs=pairs)
-    return student, teacher, step
-
-
-def _describe_model(model_cfg) -> str:
-    return model_cfg.torchvision or f"{model_cfg.arch} {model_cfg.backbone}"
-
-
-def check_requests(distillers: nn.ModuleList, teacher: nn.Module, student: nn.Module,
-                   pairs: list[tuple[int, int]], teacher_name: str, student_name: str) -> None:
-    """Raise :class:`ConfigError` at start-up when a method needs outputs that this teacher / student pair
-    cannot give: RoI logits or proposals (two-stage on both sides), dense per-anchor outputs (one-stage
-    on both sides, the same anchors per location on every paired level)."""
-    from detkd.models import detector_arch
-
-    t_arch, s_arch = detector_arch(teacher), detector_arch(student)
-    pair = f"teacher {teacher_name} / student {student_name}"
-    for i, d in enumerate(distillers):
-        req = d.request()
-        where = f"distill.methods[{i}] ({getattr(d, 'name', type(d).__name__)})"
-        if (req.roi_outputs or req.proposals) and (t_arch != "faster_rcnn" or s_arch != "faster_rcnn"):
-            raise ConfigError(
-                f"{where}: needs the RoI outputs of both detectors on the student's RoIs, which only two "
-                f"Faster R-CNNs have; the pair is {pair} (pick a method without RoI terms, or a Faster "
-                f"R-CNN on both sides)"
-            )
-        if req.dense_outputs:
-            if t_arch == "faster_rcnn" or s_arch == "faster_rcnn":
-                raise ConfigError(
-                    f"{where}: needs the dense per-anchor head outputs of both detectors, which only "
-                    f"RetinaNet / FCOS have; the pair is {pair}"
-                )
-            t_apl = teacher.anchor_generator.num_anchors_per_location()
-            s_apl = student.anchor_generator.num_anchors_per_location()
-            if [t_apl[a] for a, _ in pairs] != [s_apl[b] for _, b in pairs]:
-                raise ConfigError(
-                    f"{where}: compares the two heads anchor by anchor, but the pair {pair} has "
-                    f"{t_apl[0]} and {s_apl[0]} anchors per location: their outputs do not correspond "
-                    f"(pick the same anchors on both sides)"
-                )
-
-
-def _with_weights(model_cfg, path: str):
-    import copy
-
-    out = copy.deepcopy(model_cfg)
-    out.weights = path
-    out.backbone_weights = "none"
-    return out
-
-
-def inherit_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
-    """Copy the teacher's neck (FPN) and head tensors into the student wherever names and shapes match."""
-    s_state = student.state_dict()
-    t_state = teacher.state_dict()
-    copied = 0
-    for k, v in t_state.items():
-        if k.startswith("backbone.body."):
-            continue  # the backbone is what the student does differently
-        if k in s_state and s_state[k].shape == v.shape:
-            s_state[k] = v.clone()
-            copied += 1
-    student.load_state_dict(s_state)
-    return copied
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,8 +112,6 @@ class LoopState:
 
 
 def _make_loaders(cfg: Config):
-    from detkd.data import build_dataset, build_loader
-
     train_set = build_dataset(cfg.data, "train", cfg.model)
     val_set = build_dataset(cfg.data, "val", cfg.model)
     if len(train_set) == 0:
@@ -377,15 +129,6 @@ def _make_loaders(cfg: Config):
     val_loader = build_loader(val_set, per_rank_bs, cfg.data.workers, shuffle=False,
                               sampler=ShardSampler(len(val_set), rank, world))
     return train_set, val_set, train_loader, val_loader, train_sampler
-
-
-def _feature_loader(cfg: Config):
-    """Training images without random augmentation, this rank's shard (prototype extraction)."""
-    from detkd.data import build_dataset, build_loader
-
-    ds = build_dataset(cfg.data, "train", cfg.model, train=False)
-    return build_loader(ds, cfg.data.batch_size, cfg.data.workers, shuffle=False,
-                        sampler=ShardSampler(len(ds), dist.rank(), dist.world_size()))
 
 
 def _checkpoint_state(step: DistillStep, opt, sched, scaler, state: LoopState, cfg: Config,
@@ -561,7 +304,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
                     "checkpoint": str(resume_from)}, state.iteration)
     else:  # the student's starting weights, so runs meant to share a start can be checked (detkd bench)
         logger.log({"kind": "start", "student_init": _fingerprint(step.student.state_dict())}, 0)
-    context_loader = _feature_loader(cfg) if step.distillers else None
+    context_loader = feature_loader(cfg) if step.distillers else None
     n_params = sum(p.numel() for p in step.student.parameters())
     info(f"{'distil' if step.distillers else 'train'} {cfg.model.arch}/{cfg.model.backbone}: {n_params / 1e6:.2f} M "
          f"params, {len(train_set)} train / {len(val_set)} val images, {cfg.train.epochs} epochs x "
@@ -597,8 +340,6 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
                 train_loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
             step.scale = (1.0 - epoch / cfg.train.epochs) if (cfg.distill and cfg.distill.decay) else 1.0
             if step.distillers:
-                from detkd.distill.base import DistillContext
-
                 ctx = DistillContext(teacher=teacher, student=step.student, loader=context_loader, device=device,
                                      epoch=epoch, epochs=cfg.train.epochs, pairs=step.pairs,
                                      log=lambda d, e=epoch: logger.log({"kind": "distill", "epoch": e, **d},
@@ -655,8 +396,6 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
 def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, scaler, state: LoopState,
                      cfg: Config, device: torch.device, logger: RunLogger, progress: bool,
                      after_step: Callable[[], None] = lambda: None) -> None:
-    from detkd.data import model_targets
-
     step.student.train()
     if step.teacher is not None:
         step.teacher.eval()
@@ -733,10 +472,6 @@ def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, sc
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, progress: bool = True) -> dict[str, float]:
     """Evaluate a detkd checkpoint, or a plain/exported state dict, with the model of ``cfg``."""
-    from detkd.data import build_dataset, build_loader
-    from detkd.models import build_detector, checkpoint_state_dict, load_checked
-    from detkd.models.weights import check_checkpoint_fits
-
     device = resolve_device(cfg.train.device, cfg.train.dist_timeout_s)
     if Path(checkpoint).is_file():
         check_checkpoint_fits(checkpoint, cfg.model, "model", "--checkpoint")

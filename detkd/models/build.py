@@ -20,6 +20,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from detkd.config import ConfigError, ModelConfig
 from detkd.models.torchvision_build import IMAGE_MEAN, IMAGE_STD, NUM_LEVELS, build
 from detkd.models.weights import load_backbone_weights, load_detector_weights
+from detkd.runtime.console import info
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "MIN_PAIRED_LEVELS", "build_detector", "check_pair", "check_transforms",
            "describe_levels", "detector_arch", "feature_channels", "pair_levels", "paired_channels", "pyramid_levels",
@@ -182,8 +183,6 @@ def paired_channels(teacher: nn.Module, student: nn.Module, where: str = "distil
     """Pair two built detectors' levels by stride (:func:`pair_levels`) and log the pairing. Returns the
     pairs (``None`` when both pyramids are the same levels, passed whole), and the teacher's and the
     student's channels of the paired levels, in pair order: what distillers are built for."""
-    from detkd.runtime.console import info
-
     t_strides, s_strides = pyramid_strides(teacher), pyramid_strides(student)
     pairs = pair_levels(t_strides, s_strides, where)
     info(f"paired levels: teacher {describe_levels(t_strides)} with student {describe_levels(s_strides)}: "
