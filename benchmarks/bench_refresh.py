@@ -4,7 +4,7 @@
         [--threads 1] [--workers 0] [--data-root DIR] [--cap N] [--refreshes 2]
 
 For each detector family the run is built from ``configs/digits/{arch}_r34_r18_global.yaml`` exactly as
-``detkd distill`` builds it (:func:`detkd.engine.trainer.build_models`, the trainer's feature loader and
+``detkd distill`` builds it (:func:`detkd.assemble.build_models`, the trainer's feature loader and
 training loader: 96 px images, batch 8, 2000 training images, ResNet-34 FPN-128 teacher, ResNet-18 FPN-32
 student), with an untrained teacher (the cost does not depend on its weights). In one process, in turn:
 
@@ -73,7 +73,7 @@ def run_arch(arch: str, a: argparse.Namespace, data_root: str, tmp: Path) -> dic
     from detkd.data import build_dataset, build_loader, model_targets
     from detkd.distill.base import DistillContext
     from detkd.engine.schedule import build_optimizer
-    from detkd.engine.trainer import _feature_loader, build_models
+    from detkd.assemble import build_models, feature_loader
 
     device = torch.device("cpu")
     cfg = load_cfg(arch, data_root, "none", a.workers, a.cap)
@@ -83,13 +83,13 @@ def run_arch(arch: str, a: argparse.Namespace, data_root: str, tmp: Path) -> dic
     train_set = build_dataset(cfg.data, "train", cfg.model)
     train_loader = build_loader(train_set, cfg.data.batch_size, cfg.data.workers, shuffle=True,
                                 seed=cfg.train.seed, drop_last=len(train_set) > cfg.data.batch_size)
-    feature_loader = _feature_loader(cfg)
+    loader = feature_loader(cfg)
     params = list(step.student.parameters()) + list(step.distillers.parameters())
     opt = build_optimizer(params, cfg.train)
     logs: list[dict] = []
 
     def refresh(epoch: int) -> dict:
-        ctx = DistillContext(teacher=teacher, student=step.student, loader=feature_loader, device=device,
+        ctx = DistillContext(teacher=teacher, student=step.student, loader=loader, device=device,
                              epoch=epoch, epochs=cfg.train.epochs, log=logs.append)
         t0 = time.perf_counter()
         for d in step.distillers:

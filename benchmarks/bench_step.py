@@ -12,7 +12,7 @@ ResNet-18 FPN-32 student, Faster R-CNN box_batch_size_per_image 128) with an unt
   distillers (features, and RoI outputs for Faster R-CNN / dense head outputs for RetinaNet), no distiller;
 - ``+teacher (features)``: the same with the teacher asked for its features only (what fitnet, fgfi, rkd,
   fgd need), so that every method can also be compared with the teacher forward of its OWN request;
-- ``+METHOD``: ``detkd.engine.trainer.build_models`` + ``DistillStep`` with that one method: exactly the
+- ``+METHOD``: ``detkd.assemble.build_models`` + ``DistillStep`` with that one method: exactly the
   training step (forward, backward, optimizer step). Prototype methods (``global``) select their
   prototypes once before timing (:meth:`on_epoch_start`, as before an epoch; the refresh is per epoch,
   not per step).
@@ -98,7 +98,8 @@ def build_config(name: str, arch: str, args: dict) -> dict:
 
     from detkd.distill.base import DistillContext
     from detkd.engine.schedule import build_optimizer
-    from detkd.engine.trainer import DistillStep, _feature_loader, build_models
+    from detkd.assemble import build_models, feature_loader
+    from detkd.engine.step import DistillStep
     from detkd.taps import tap_student, tap_teacher, transform_batch
 
     device = torch.device(args["device"])
@@ -134,7 +135,7 @@ def build_config(name: str, arch: str, args: dict) -> dict:
         own = replace(step.request, features=True)  # tap_teacher computes the features whatever is asked
         info["own"] = ("teacher_feat" if own == TapRequest(features=True) else
                        "teacher" if own == merged_request(arch, teacher, student) else "")
-        ctx = DistillContext(teacher=teacher, student=student, loader=_feature_loader(cfg), device=device,
+        ctx = DistillContext(teacher=teacher, student=student, loader=feature_loader(cfg), device=device,
                              epoch=0, epochs=cfg.train.epochs)
         t0 = time.perf_counter()
         for d in step.distillers:
