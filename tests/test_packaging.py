@@ -57,6 +57,7 @@ def test_installed_wheel_trains_a_shipped_config_by_name(tmp_path):
     # pyproject.toml lists the packages: a new subpackage must be added there
     packages = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "detkd").rglob("__init__.py"))
     assert [p for p in packages if p not in names] == []
+    assert "detkd/data/mnist_5k.npz" in names  # the digits glyphs ship with the package
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"), str(wheel)],
                    check=True, capture_output=True)
 

