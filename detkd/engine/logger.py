@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+
 from detkd.runtime.console import info
 from detkd.runtime.dist import is_main
 
@@ -21,12 +23,7 @@ class RunLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = None
         if self.active and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
 
     def log(self, record: dict[str, Any], step: int | None = None) -> None:
         if not self.active:

@@ -1,31 +1,18 @@
 """COCO box metrics (AP over IoU 0.50:0.95, AP50, AP75, per-size AP and AR) via faster-coco-eval.
 
-faster-coco-eval re-implements the pycocotools matching and accumulation in C++ with identical results;
-pycocotools is used only when faster-coco-eval is not installed. The COCO objects are built from the
-in-memory dicts (no temporary json files) and the libraries' progress prints are silenced unless
-``verbose=True``.
+faster-coco-eval re-implements the pycocotools matching and accumulation in C++ with identical results.
+The COCO objects are built from the in-memory dicts (no temporary json files) and the library's progress
+prints are silenced unless ``verbose=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
 
 from detkd.evaluation.inputs import Detections, GroundTruth, check_coco_gt, check_detections
-
-try:
-    from faster_coco_eval import COCO
-    from faster_coco_eval import COCOeval_faster as _COCOeval
-
-    _BACKEND = "faster_coco_eval"
-except ImportError:  # pragma: no cover - the project depends on faster-coco-eval
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval as _COCOeval
-
-    _BACKEND = "pycocotools"
 
 # Order of COCOeval.stats[:12] (the standard 12-line COCO summary), fractions in [0, 1], -1 = undefined.
 COCO_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -36,7 +23,7 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def _coco_from_dict(dataset: dict) -> COCO:
-    """A COCO api object over an in-memory dict (works for both backends; no file, no deep copy)."""
+    """A COCO api object over an in-memory dict (no file, no deep copy)."""
     coco = COCO()
     coco.dataset = dataset
     coco.createIndex()
@@ -72,19 +59,13 @@ def coco_metrics_checked(gt: GroundTruth, dets: Detections, verbose: bool = Fals
             zip(dets.image_id.tolist(), dets.category_id.tolist(), dets.boxes.tolist(), dets.scores.tolist())
         )
     ]
-    # faster-coco-eval reports through print_function; pycocotools print()s, so its stdout is captured.
-    keep_stdout = verbose or _BACKEND == "faster_coco_eval"
-    with contextlib.nullcontext() if keep_stdout else contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = _coco_from_dict({"images": gt.images, "annotations": gt_anns, "categories": gt.categories})
-        coco_dt = _coco_from_dict({"images": gt.images, "annotations": dt_anns, "categories": gt.categories})
-        if _BACKEND == "faster_coco_eval":
-            evaluator = _COCOeval(coco_gt, coco_dt, iouType="bbox", print_function=print if verbose else _quiet)
-        else:  # pragma: no cover
-            evaluator = _COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluator.params.maxDets = [int(m) for m in max_dets]
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
+    coco_gt = _coco_from_dict({"images": gt.images, "annotations": gt_anns, "categories": gt.categories})
+    coco_dt = _coco_from_dict({"images": gt.images, "annotations": dt_anns, "categories": gt.categories})
+    evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=print if verbose else _quiet)
+    evaluator.params.maxDets = [int(m) for m in max_dets]
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
     stats = np.asarray(evaluator.stats, dtype=np.float64)[: len(keys)]
     return {key: float(value) for key, value in zip(keys, stats)}
 
