@@ -30,6 +30,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
     from detkd.engine.trainer import fit
+    from detkd.runtime.console import result
 
     cfg = load_config(args.config, args.overrides)
     if args.command == "train" and cfg.distill is not None:
@@ -37,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.command == "distill" and cfg.distill is None:
         raise ConfigError(f"{args.config} has no distill section: run it with `detkd train`")
     metrics = fit(cfg, resume=args.resume, progress=not args.quiet)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    result(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     return 0
 
 
@@ -45,11 +46,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
     from detkd.engine.trainer import evaluate_checkpoint
     from detkd.evaluation import format_metrics
+    from detkd.runtime.console import result
+    from detkd.runtime.dist import is_main
 
     cfg = load_config(args.config, args.overrides)
     metrics = evaluate_checkpoint(cfg, args.checkpoint, progress=not args.quiet)
-    print(format_metrics(metrics))
-    if args.json:
+    result(format_metrics(metrics))
+    if args.json and is_main():
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     return 0
 
@@ -112,10 +115,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_prototypes(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
     from detkd.prototype_export import export_prototypes
+    from detkd.runtime.console import result
 
     cfg = load_config(args.config, args.overrides)
     out = export_prototypes(cfg, args.checkpoint, args.out)
-    print(f"prototypes written to {out}")
+    result(f"prototypes written to {out}")
     return 0
 
 

@@ -13,16 +13,13 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-import detkd.distill.defeat  # noqa: F401  (registers the distillers)
-import detkd.distill.fgfi  # noqa: F401
-import detkd.distill.fitnet  # noqa: F401
-import detkd.distill.kd  # noqa: F401
-import detkd.distill.rkd  # noqa: F401
 from detkd.config import ConfigError
-from detkd.distill import build_distiller
+from detkd.distill import REGISTRY, build_distiller
 from detkd.distill.common import box_mask, box_masks, grid_anchors, imitation_masks, level_anchors
+from detkd.distill.global_kd import PrototypeDistiller
 from detkd.distill.rkd import rkd_angle_loss, rkd_distance_loss
 from detkd.taps import Taps
+from tests.engine_helpers import real_pair_taps
 
 SHAPES = [(8, 8), (4, 4)]
 STRIDES = [8, 16]
@@ -429,3 +426,18 @@ def test_one_step_on_real_detectors(detectors, arch):
         assert all(g is not None for g in grads) and (not grads or sum(g.abs().sum() for g in grads) > 0), name
     assert student.backbone.fpn.layer_blocks[0][0].weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
+def test_every_parameter_gets_a_gradient_so_ddp_need_not_search(arch):
+    """DDP runs with ``find_unused_parameters`` only for a distiller that declares ``unused_parameters``; a
+    method that declares none must reach every parameter of its own and of the student in one step."""
+    for name, cls in sorted(REGISTRY.items()):
+        if arch not in cls.archs or cls.unused_parameters or issubclass(cls, PrototypeDistiller):
+            continue  # the prototype methods: tests/test_global.py, DDP in tests/test_reliability.py
+        student, _, method, det, t_taps, s_taps, tt = real_pair_taps(
+            arch, 48, lambda t, s, name=name: build_distiller(name, {}, t, s, arch))
+        sum([*method(t_taps, s_taps, tt).values(), *det.values()]).backward()
+        for module in (method, student):
+            missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+            assert missing == [], f"{name}: {missing[:3]}"

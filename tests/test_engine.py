@@ -275,11 +275,15 @@ def test_ddp_two_processes_train_and_evaluate_like_one(data_root, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
            "-m", "detkd.cli"]
-    subprocess.run([*run, "train", str(cfg_path), "--quiet"], check=True, env=env, timeout=300)
+    done = subprocess.run([*run, "train", str(cfg_path), "--quiet"], check=True, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert done.stdout.count('"mAP"') == 1  # the result is printed by rank 0 only
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["iteration"] == 2  # 8 images / (2 ranks x 2 per rank)
-    subprocess.run([*run, "eval", str(cfg_path), "--checkpoint", str(tmp_path / "ddp" / "last.pt"), "--quiet",
-                    "--json", str(tmp_path / "two.json")], check=True, env=env, timeout=300)
+    done = subprocess.run([*run, "eval", str(cfg_path), "--checkpoint", str(tmp_path / "ddp" / "last.pt"),
+                           "--quiet", "--json", str(tmp_path / "two.json")], check=True, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert done.stdout.count("mAP") == 1
     assert main(["eval", str(cfg_path), "--checkpoint", str(tmp_path / "ddp" / "last.pt"), "--quiet",
                  "--json", str(tmp_path / "one.json")]) == 0
     two = json.loads((tmp_path / "two.json").read_text())

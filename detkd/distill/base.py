@@ -49,6 +49,10 @@ class Distiller(nn.Module):
     # names of the terms the run-level ``distill.decay`` leaves alone (the engine multiplies every other term
     # by 1 - epoch / epochs); a distiller sets it from its options, e.g. global's ``decay_resp: false``
     undecayed: frozenset[str] = frozenset()
+    # True where a step may leave one of the distiller's parameters without a gradient: DDP then traverses the
+    # autograd graph every iteration to find them (find_unused_parameters). Every built-in method keeps all
+    # its adapters in the graph (graph_zero anchors empty terms), so none needs it.
+    unused_parameters: ClassVar[bool] = False
 
     def __init__(self, opts: Any, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__()

@@ -295,7 +295,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     if dist.is_dist():
         model = nn.parallel.DistributedDataParallel(
             step, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(step.distillers),
+            find_unused_parameters=any(d.unused_parameters for d in step.distillers),
         )
 
     logger = RunLogger(out)

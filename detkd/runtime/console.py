@@ -11,3 +11,9 @@ def info(msg: str) -> None:
     """Print a progress/status line once (rank 0), flushed so logs stay in order."""
     if is_main():
         print(msg, file=sys.stderr, flush=True)
+
+
+def result(line: str) -> None:
+    """Print a command's result to stdout once: under ``torchrun`` every rank ends with the same metrics."""
+    if is_main():
+        print(line, flush=True)
