@@ -4,7 +4,7 @@
 level l and one class c, let (f_i^t, f_i^s), i = 1..N, be the teacher / student features of the class's
 instances, extracted exactly as the global method's prototype bank does (ground-truth boxes of the
 non-augmented training set, RoIAlign / crop mean on level l, the run's ``extraction``, ``min_box`` and
-images-per-class cap: :meth:`detkd.distill.prototypes.PrototypeBank.extract_pool`). Three kinds of K
+images-per-class cap: :meth:`detkd.distill.prototype_pool.PrototypeBank.extract_pool`). Three kinds of K
 basis pairs (g_k^t, g_k^s) are built from them, each a pair of vectors of the SAME basis in both spaces:
 
 - ``prototypes``: the K instances chosen by PGM (Alg. 1, Eq. 2-5), with the run's ``lam`` and PGM options

@@ -24,6 +24,7 @@ from torch import nn
 
 from detkd.analysis import draw_detections
 from detkd.config import ConfigError, ModelConfig, from_dict
+from detkd.data import scale_image
 from detkd.engine.logger import Progress
 from detkd.export import pick_checkpoint
 from detkd.models import build_detector
@@ -174,7 +175,7 @@ def predict_images(source: str | Path, inputs: list[str | Path], out: str | Path
                 bar.update(1)
                 continue
             tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-            output = model([tensor.to(dev).float() / 255.0])[0]
+            output = model([scale_image(tensor, dev)])[0]
             keep = (output["scores"] >= score) & (output["labels"] > 0)  # label 0: background, no category
             boxes, labels, scores = (output[k][keep].cpu() for k in ("boxes", "labels", "scores"))
             summary.images += 1

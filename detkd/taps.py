@@ -23,6 +23,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
+from detkd.data import kept_boxes, scale_image
 from detkd.models.build import detector_arch
 
 
@@ -247,10 +248,11 @@ def transform_batch(model: nn.Module, images: list[Tensor], targets: list[dict[s
     device = next(model.parameters()).device
     tensors = []
     for i, img in enumerate(images):
-        img = img.as_subclass(Tensor).to(device, non_blocking=True)  # tv_tensors.Image -> plain tensor
         if img.dtype == torch.uint8:
-            img = img.float() / 255.0
-        elif not img.is_floating_point():
+            img = scale_image(img, device)
+        else:
+            img = img.as_subclass(Tensor).to(device, non_blocking=True)  # tv_tensors.Image -> plain tensor
+        if not img.is_floating_point():
             raise TypeError(f"transform_batch: image {i} has dtype {img.dtype}, expected uint8 or float")
         if img.dim() != 3 or img.shape[0] != 3:
             raise ValueError(f"transform_batch: image {i} has shape {tuple(img.shape)}, expected (3, H, W)")
@@ -267,7 +269,7 @@ def transform_batch(model: nn.Module, images: list[Tensor], targets: list[dict[s
                 raise ValueError(f"transform_batch: target {i}: boxes {tuple(boxes.shape)} and labels "
                                  f"{tuple(labels.shape)} do not have shapes (M, 4) and (M,)")
             if "ignore" in t:
-                keep = ~t["ignore"].as_subclass(Tensor).to(device=boxes.device, dtype=torch.bool)
+                keep = kept_boxes(t).to(boxes.device)
                 boxes, labels = boxes[keep], labels[keep]
             bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
             if bad.any():

@@ -9,10 +9,9 @@ from detkd.config import ModelConfig
 from detkd.data.common import DetectionDataset
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
+from detkd.distill.prototype_pool import PrototypeBank, _priority
 from detkd.distill.prototypes import (
     GENERATORS,
-    PrototypeBank,
-    _priority,
     generate,
     instance_features,
     instance_features_levels,

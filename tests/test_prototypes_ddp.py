@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detkd.distill.base import DistillContext
-from detkd.distill.prototypes import PrototypeBank
+from detkd.distill.prototype_pool import PrototypeBank
 from detkd.models import build_detector
 from tests.test_prototypes import tiny, toy_loader
 

@@ -32,8 +32,11 @@ __all__ = [
     "collate",
     "decode_rgb",
     "ensure_digits",
+    "kept_boxes",
     "make_digits",
     "model_targets",
+    "prepare_batch",
+    "scale_image",
     "voc_dataset",
     "voc_folder_dataset",
 ]
@@ -82,15 +85,37 @@ def collate(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor]
     return [item[0] for item in batch], [item[1] for item in batch]
 
 
+# A batch is prepared for a detector here and nowhere else: images scaled to [0, 1], ignore boxes dropped.
+
+
+def scale_image(image: Tensor, device: torch.device | str) -> Tensor:
+    """A uint8 (3, H, W) image as the float [0, 1] plain tensor on ``device`` that detectors take."""
+    return image.as_subclass(Tensor).to(device, non_blocking=True).float() / 255.0
+
+
+def kept_boxes(target: dict[str, Tensor]) -> Tensor:
+    """bool (M,): the boxes a detector trains on, i.e. not flagged ``ignore`` (crowd / difficult regions)."""
+    if "ignore" not in target:
+        return torch.ones(len(target["labels"]), dtype=torch.bool)
+    return ~torch.as_tensor(target["ignore"]).as_subclass(Tensor).reshape(-1).bool()
+
+
 def model_targets(targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
     """What the detector trains on: ignore boxes dropped, plain tensors boxes float32 (M, 4), labels int64."""
     out = []
     for t in targets:
-        keep = ~t["ignore"].bool()
+        keep = kept_boxes(t)
         boxes = t["boxes"].as_subclass(Tensor)[keep].to(torch.float32).reshape(-1, 4)
         labels = t["labels"].as_subclass(Tensor)[keep].to(torch.int64).reshape(-1)
         out.append({"boxes": boxes, "labels": labels})
     return out
+
+
+def prepare_batch(images: list[Tensor], targets: list[dict[str, Tensor]], device: torch.device
+                  ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """A training batch from the loader as the detector takes it, on ``device``."""
+    return ([scale_image(img, device) for img in images],
+            [{k: v.to(device) for k, v in t.items()} for t in model_targets(targets)])
 
 
 def _seed_worker(worker_id: int) -> None:

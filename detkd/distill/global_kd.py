@@ -1,8 +1,9 @@
 """Global-knowledge distillation (Tang et al., "Distilling Object Detectors with Global Knowledge", ECCV 2022):
 the robust distillation module (RDM, Eq. 6-9) on prototypes chosen by PGM (Alg. 1), refreshed every
-``refresh_every`` epochs (Alg. 2), and the Table 4 "+prototypes" variants of DeFeat, vanilla KD and RKD.
+``refresh_every`` epochs (Alg. 2). The Table 4 "+prototypes" variants of DeFeat, vanilla KD and RKD build on
+:class:`PrototypeDistiller` in :mod:`detkd.distill.prototype_variants`.
 
-Registered names: ``global`` (the method), ``defeat_proto``, ``kd_proto``, ``rkd_proto``.
+Registered name: ``global``.
 
 Per training batch, every instance (a ground-truth box by default) is pooled on every pyramid level
 (:func:`detkd.distill.prototypes.instance_features`), in both detectors. On level l an instance of class c
@@ -87,10 +88,10 @@ from detkd.distill.common import (
     graph_zero,
     weighted_box_mask,
 )
-from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
-from detkd.distill.kd import KDOptions, dense_kd, roi_kd
+from detkd.distill.kd import dense_kd, roi_kd
 from detkd.distill.pgm import project, project_grouped
-from detkd.distill.prototypes import PrototypeBank, Prototypes, instance_features_levels
+from detkd.distill.prototype_pool import PrototypeBank
+from detkd.distill.prototypes import Prototypes, instance_features_levels
 from detkd.runtime.faults import fault_point
 from detkd.taps import TapRequest, Taps, box_levels, pool_boxes, pool_levels
 
@@ -724,123 +725,3 @@ class GlobalKD(PrototypeDistiller):
         w = self.anchor_weights(student, inst, sigma_inst)
         return dense_kd(teacher, student, opts.temperature, "positive", reduction, weights=w, method="global",
                         kl=opts.one_stage_kl)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Table 4: "+prototypes" variants of DeFeat, vanilla KD and RKD. They call the terms of detkd.distill.defeat
-# / kd (same normalisations and defaults) with the prototype-based weights; RKD's relation is replaced.
-
-
-@dataclass
-class DeFeatProtoOptions(DeFeatOptions, PrototypeOptions):
-    """The prototype options, then DeFeat's (same names and defaults)."""
-
-
-class DeFeatProto(PrototypeDistiller):
-    """DeFeat + prototypes (Table 4): the foreground mask of the decoupled feature loss holds, on each
-    level, the sigma (Eq. 8) of the instance covering the cell (largest if several), and each positive
-    RoI's KL is weighted by the sigma of its instance on its canonical level. Background terms are DeFeat's.
-
-        defeat_proto_fg = fg_weight * mean_l sum w_l (A(S_l) - T_l)^2 / (2 * count(box cells_l) * C)
-        defeat_proto_roi_fg = roi_fg_weight * sum_{pos RoIs} sigma KL_T / count(pos RoIs)
-    """
-
-    name = "defeat_proto"
-
-    Options = DeFeatProtoOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
-
-    def __init__(self, opts: DeFeatProtoOptions, teacher_channels: list[int], student_channels: list[int],
-                 arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        check_temperature(opts.temperature, "defeat_proto.options.temperature")
-        self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
-                                       where="defeat_proto.options.adapter")
-        self.use_roi = opts.roi and arch == "faster_rcnn"
-
-    def request(self) -> TapRequest:
-        return TapRequest(features=True, roi_outputs=self.use_roi)
-
-    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        check_pyramids(teacher, student, "defeat_proto")
-        opts = self.opts
-        inst, _, sig = self.batch_sigmas(teacher, student, targets)
-        masks, weights = [], []
-        for lv in range(len(student.features)):
-            w, cover = level_masks(student, inst, sig[lv], lv)
-            masks.append(cover.float()[:, None])
-            weights.append(w[:, None])
-        fg, bg = decoupled_feature_loss(self.adapters, teacher, student, masks, weights)
-        out = {"defeat_proto_fg": opts.fg_weight * fg, "defeat_proto_bg": opts.bg_weight * bg}
-        if self.use_roi:
-            w = self.roi_weights(student, inst, self.canonical_sigma(sig, inst))
-            fg, bg = decoupled_roi_kd(teacher, student, opts.temperature, "defeat_proto", weights=w)
-            out["defeat_proto_roi_fg"] = opts.roi_fg_weight * fg
-            out["defeat_proto_roi_bg"] = opts.roi_bg_weight * bg
-        return out
-
-
-@dataclass
-class KDProtoOptions(KDOptions, PrototypeOptions):
-    """The prototype options, then vanilla KD's (same names and defaults)."""
-
-
-class KDProto(PrototypeDistiller):
-    """Vanilla KD + prototypes (Table 4): the softened KL of every positive RoI / anchor is weighted by the
-    sigma (Eq. 8) of its instance on the instance's canonical level; negatives keep weight 1. Samples,
-    temperature and normalisation as :mod:`detkd.distill.kd` (``auto``: all sampled RoIs for Faster R-CNN,
-    positive anchors for one-stage detectors), i.e. ``kd_proto_cls = weight * sum w KL / count``."""
-
-    name = "kd_proto"
-
-    Options = KDProtoOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
-
-    def __init__(self, opts: KDProtoOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        check_temperature(opts.temperature, "kd_proto.options.temperature")
-
-    def request(self) -> TapRequest:
-        two_stage = self.arch == "faster_rcnn"
-        return TapRequest(features=True, roi_outputs=two_stage, dense_outputs=not two_stage)
-
-    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        o = self.opts
-        inst, _, sig = self.batch_sigmas(teacher, student, targets)
-        sigma_inst = self.canonical_sigma(sig, inst)
-        if self.arch == "faster_rcnn":
-            w, term = self.roi_weights(student, inst, sigma_inst), roi_kd
-        else:
-            w, term = self.anchor_weights(student, inst, sigma_inst), dense_kd
-        loss = term(teacher, student, o.temperature, o.samples, o.class_reduction, weights=w, method="kd_proto")
-        return {"kd_proto_cls": o.weight * loss}
-
-
-@dataclass
-class RKDProtoOptions(PrototypeOptions):
-    weight: float = 1.0
-
-
-class RKDProto(PrototypeDistiller):
-    """RKD + prototypes (Table 4): the relation of an instance is its projection on its class's prototypes
-    (Eq. 5 coordinates Lambda) instead of its distances to the other instances of the batch. As in RKD,
-    the student's relations match the teacher's under a Huber (smooth-L1) penalty:
-
-        rkd_proto = weight * sum_l (1/N) sum_i mean_k smoothL1(Lambda^s_ik, Lambda^t_ik)
-
-    (no sigma weighting; instances of classes without prototypes contribute 0).
-    """
-
-    name = "rkd_proto"
-
-    Options = RKDProtoOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
-
-    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        inst, rels, _ = self.batch_sigmas(teacher, student, targets)
-        n = max(inst.num, 1)
-        total = graph_zero(list(student.features))
-        for rel in rels:  # mean over each row's own K_c coordinates (the padded ones are 0 in both)
-            rows = F.smooth_l1_loss(rel.ls, rel.lt, reduction="none").sum(dim=1) / rel.kc
-            total = total + rows.sum() / n
-        return {"rkd_proto": self.opts.weight * total}

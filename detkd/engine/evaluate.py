@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detkd.data import scale_image
 from detkd.engine.logger import Progress
 from detkd.evaluation import evaluate, outputs_to_detections
 from detkd.runtime import dist
@@ -38,7 +39,7 @@ def predict(model: nn.Module, loader: Any, device: torch.device, progress: bool 
     batches = iter(loader)
     try:
         for images, targets in batches:
-            batch = [img.to(device, non_blocking=True).float() / 255.0 for img in images]
+            batch = [scale_image(img, device) for img in images]
             outputs = model(batch)
             # RetinaNet / FCOS heads have an output for index 0 that is never trained positive (docs/
             # architecture.md, "Labels"); early in training it can still pass score_thresh. It is no category.

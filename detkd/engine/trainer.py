@@ -25,7 +25,7 @@ from torch.utils.data import DistributedSampler, RandomSampler
 
 from detkd.assemble import build_models, feature_loader, resolve_device
 from detkd.config import Config, ConfigError, to_dict
-from detkd.data import build_dataset, build_loader, model_targets
+from detkd.data import build_dataset, build_loader, prepare_batch
 from detkd.data.samplers import ShardSampler, SkipSampler
 from detkd.distill.base import DistillContext
 from detkd.engine.evaluate import evaluate_model, shutdown_workers
@@ -407,8 +407,7 @@ def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, sc
     batches = iter(loader)
     try:
         for images, targets in batches:
-            images = [img.to(device, non_blocking=True).float() / 255.0 for img in images]
-            tgts = [{k: v.to(device) for k, v in t.items()} for t in model_targets(targets)]
+            images, tgts = prepare_batch(images, targets, device)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 det_losses, kd_losses = model(images, tgts)
             terms = {**det_losses, **kd_losses}
