@@ -72,6 +72,8 @@ def _export_onnx(model: torch.nn.Module, cfg: ModelConfig, path: Path) -> Path:
     except ImportError as e:
         raise ConfigError("ONNX export needs the onnx package: pip install 'detkd[export]'") from e
     dummy = [torch.rand(3, cfg.min_size, cfg.min_size)]
+    with torch.no_grad():  # the outputs in the detector's own order: Faster R-CNN's is not RetinaNet's
+        names = list(model(dummy)[0])
     torch.onnx.export(model, (dummy,), str(path), opset_version=17, dynamo=False,
-                      input_names=["images"], output_names=["boxes", "labels", "scores"])
+                      input_names=["images"], output_names=names)
     return path
