@@ -9,7 +9,7 @@ training loader: 96 px images, batch 8, 2000 training images, ResNet-34 FPN-128 
 student), with an untrained teacher (the cost does not depend on its weights). In one process, in turn:
 
 1. the first refresh (``on_epoch_start`` of epoch 0: teacher and student features, then PGM);
-2. ``--warmup`` + ``--steps`` / 2 training steps, as ``detkd.engine.trainer._train_one_epoch`` takes them
+2. ``--warmup`` + ``--steps`` / 2 training steps, as ``detkd.engine.trainer.train_one_epoch`` takes them
    (batch fetch, forward with the distiller, backward, optimizer step);
 3. the later refresh(es) (epoch 1, ...: student features only, the teacher's are cached);
 4. ``--steps`` / 2 more training steps.
@@ -70,10 +70,10 @@ def untrained_teacher(cfg, path: Path) -> str:
 
 def run_arch(arch: str, a: argparse.Namespace, data_root: str, tmp: Path) -> dict:
     """Refreshes and training steps of one family, in one process; seconds and ratios."""
+    from detkd.assemble import build_models, feature_loader
     from detkd.data import build_dataset, build_loader, model_targets
     from detkd.distill.base import DistillContext
     from detkd.engine.schedule import build_optimizer
-    from detkd.assemble import build_models, feature_loader
 
     device = torch.device("cpu")
     cfg = load_cfg(arch, data_root, "none", a.workers, a.cap)
@@ -101,7 +101,7 @@ def run_arch(arch: str, a: argparse.Namespace, data_root: str, tmp: Path) -> dic
     batches = iter(train_loader)
 
     def steps(n: int) -> list[float]:
-        """n training steps as _train_one_epoch takes them, each timed from the batch fetch."""
+        """n training steps as train_one_epoch takes them, each timed from the batch fetch."""
         nonlocal batches
         step.student.train()
         out = []

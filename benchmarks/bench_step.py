@@ -96,9 +96,9 @@ def build_config(name: str, arch: str, args: dict) -> dict:
 
     from torch import nn
 
+    from detkd.assemble import build_models, feature_loader
     from detkd.distill.base import DistillContext
     from detkd.engine.schedule import build_optimizer
-    from detkd.assemble import build_models, feature_loader
     from detkd.engine.step import DistillStep
     from detkd.taps import tap_student, tap_teacher, transform_batch
 
@@ -164,7 +164,7 @@ def load_batches(cfg, device: torch.device, n_batches: int) -> list:
 
 
 def train_step(c: dict, batch) -> None:
-    """One training step as in ``_train_one_epoch``: forward, summed loss, backward, optimizer step."""
+    """One training step as in ``train_one_epoch``: forward, summed loss, backward, optimizer step."""
     images, targets = batch
     det_losses, kd_losses = c["forward"](images, targets)
     loss = sum({**det_losses, **kd_losses}.values())

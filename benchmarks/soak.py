@@ -170,11 +170,11 @@ def main() -> None:
         save_checkpoint(teacher, {"model": build_detector(cfg0.distill.teacher).state_dict()})
 
     sampler = Sampler()
-    original = trainer._train_one_epoch
+    original = trainer.train_one_epoch
 
-    def marked(model, step, loader, opt, sched, scaler, state, *rest, **kw):
-        sampler.mark(state.epoch)
-        return original(model, step, loader, opt, sched, scaler, state, *rest, **kw)
+    def marked(run, *rest, **kw):
+        sampler.mark(run.state.epoch)
+        return original(run, *rest, **kw)
 
     original_rotate = trainer.rotate_epoch_checkpoints
 
@@ -182,7 +182,7 @@ def main() -> None:
         original_rotate(*a, **kw)
         sampler.end()
 
-    trainer._train_one_epoch = marked
+    trainer.train_one_epoch = marked
     trainer.rotate_epoch_checkpoints = rotated
     sampler.start()
 
@@ -201,7 +201,7 @@ def main() -> None:
     after_fit = rss_mb()
     sampler.stop.set()
     sampler.join()
-    trainer._train_one_epoch = original
+    trainer.train_one_epoch = original
     trainer.rotate_epoch_checkpoints = original_rotate
 
     leftover = [p.pid for p in multiprocessing.active_children()] + children(os.getpid())

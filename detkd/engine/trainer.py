@@ -13,7 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,36 @@ class LoopState:
     best: float = -1.0
     bad_steps: int = 0
     epoch_iter: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
+
+
+@dataclass
+class Run:
+    """What one training run holds from its set-up to its end; the loop's functions take it whole."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    step: DistillStep
+    model: nn.Module  # the step, or its DDP wrapper
+    teacher: nn.Module | None
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    train_loader: Any
+    train_sampler: SkipSampler
+    val_loader: Any
+    coco_gt: dict[str, Any]
+    sizes: tuple[int, int]  # images in the training and validation sets
+    progress: bool
+    logger: RunLogger | None = None  # opened once the run is restored, as it appends to the old log
+    context_loader: Any = None  # non-augmented training images for the distillers' epoch start (prototypes)
+    state: LoopState = field(default_factory=LoopState)
+    metrics: dict[str, float] = field(default_factory=dict)
+    resume_samples: int = 0  # images of the first epoch already trained before a mid-epoch resume
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return len(self.train_loader)
 
 
 def _make_loaders(cfg: Config):
@@ -241,151 +271,31 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     out = Path(cfg.output_dir)
     found = _check_output_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed + dist.rank())
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)  # float sums are split by thread: fixed threads, same result
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    _seed_and_fix_threads(cfg)
     if dist.is_main():
         atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    train_set, val_set, train_loader, val_loader, train_sampler = _make_loaders(cfg)
-    student, teacher, step = build_models(cfg, device)
-    coco_gt = val_set.coco_gt()
-
-    params = list(step.student.parameters()) + list(step.distillers.parameters())
-    opt = build_optimizer(params, cfg.train)
-    iters_per_epoch = len(train_loader)
-    if iters_per_epoch == 0:
-        raise ConfigError("data.batch_size is larger than the training set; lower it")
-    sched = build_scheduler(opt, iters_per_epoch, cfg.train)
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    state = LoopState()
-    metrics: dict[str, float] = {}
-    resume_samples = 0
-    resume_from: Path | None = None
-    if found is not None:
-        resume_from, ckpt = found
-        found = None  # the loaded dict (optimizer state included) is not kept for the whole run
-        step.student.load_state_dict(ckpt["model"])
-        step.distillers.load_state_dict(ckpt.get("distillers", {}))
-        step.balance_scales = [{k: float(v) for k, v in x.items()} for x in ckpt.get("balance_scales", [])]
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = LoopState(ckpt["epoch"], ckpt["iteration"], ckpt["best"], 0, int(ckpt.get("epoch_iteration", 0)))
-        resume_samples = int(ckpt.get("epoch_samples", state.epoch_iter * cfg.data.batch_size))
-        metrics = ckpt.get("metrics", {})
-        saved_world = int(ckpt.get("world_size", 1))
-        if saved_world == dist.world_size():
-            rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
-            set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
-        else:
-            # each rank skips its share of the images the old ranks trained in this epoch
-            resume_samples = resume_samples * saved_world // dist.world_size()
-            info(f"resuming with world size {dist.world_size()} (checkpoint: {saved_world}): the data order and "
-                 "RNG streams differ from an uninterrupted run")
-        where = f", {state.epoch_iter} of its {iters_per_epoch} iterations" if state.epoch_iter else ""
-        info(f"resumed from {resume_from}: {state.epoch} epochs done{where}, iteration {state.iteration}")
-        del ckpt
-
-    model: nn.Module = step
-    if dist.is_dist():
-        model = nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=any(d.unused_parameters for d in step.distillers),
-        )
-
-    logger = RunLogger(out)
-    if resume_from is not None:
-        logger.log({"kind": "resume", "epoch": state.epoch, "iteration": state.iteration,
-                    "checkpoint": str(resume_from)}, state.iteration)
-    else:  # the student's starting weights, so runs meant to share a start can be checked (detkd bench)
-        logger.log({"kind": "start", "student_init": _fingerprint(step.student.state_dict())}, 0)
-    context_loader = feature_loader(cfg) if step.distillers else None
-    n_params = sum(p.numel() for p in step.student.parameters())
-    info(f"{'distil' if step.distillers else 'train'} {cfg.model.arch}/{cfg.model.backbone}: {n_params / 1e6:.2f} M "
-         f"params, {len(train_set)} train / {len(val_set)} val images, {cfg.train.epochs} epochs x "
-         f"{iters_per_epoch} iterations, device {device}, world size {dist.world_size()}, output {out}")
-
-    def save(names: list[str]) -> None:
-        """Write the loop's state to ``names`` in ``out`` (rank 0), unless the weights went non-finite."""
-        rngs = gather_rng_states()  # a collective: every rank takes part
-        bad = first_non_finite({**step.student.state_dict(), **{f"distillers.{k}": v for k, v in
-                                                                 step.distillers.state_dict().items()}})
-        if dist.is_dist():  # buffers (BatchNorm statistics) differ between ranks: every rank must stop
-            bad = next((b for b in dist.all_gather_objects(bad) if b is not None), None)
-        if bad is not None:
-            raise NonFiniteLossError(
-                f"{bad} holds NaN/Inf at iteration {state.iteration} although the losses were finite; the "
-                f"checkpoints in {out} were not overwritten (last.pt is the last good state); lower train.lr "
-                "or enable train.clip_grad"
-            )
-        if not dist.is_main():
-            return
-        ckpt = _checkpoint_state(step, opt, sched, scaler, state, cfg, metrics, rngs)
-        for name in names:
-            save_checkpoint(out / name, ckpt)
-
+    run = _set_up(cfg, out, device, progress)
+    resume_from = _restore(run, *found) if found is not None else None
+    del found  # the loaded dict (optimizer state included) is not kept for the whole run
+    run.model = _wrap_ddp(run.step, device)
+    _log_start(run, resume_from)
     try:
-        while state.epoch < cfg.train.epochs:
-            epoch = state.epoch
-            if isinstance(train_sampler.base, DistributedSampler):
-                train_sampler.base.set_epoch(epoch)
-            train_sampler.skip = resume_samples
-            resume_samples = 0
-            if hasattr(train_loader, "generator") and train_loader.generator is not None:
-                train_loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
-            step.scale = (1.0 - epoch / cfg.train.epochs) if (cfg.distill and cfg.distill.decay) else 1.0
-            if step.distillers:
-                ctx = DistillContext(teacher=teacher, student=step.student, loader=context_loader, device=device,
-                                     epoch=epoch, epochs=cfg.train.epochs, pairs=step.pairs,
-                                     log=lambda d, e=epoch: logger.log({"kind": "distill", "epoch": e, **d},
-                                                                       state.iteration))
-                for d in step.distillers:
-                    d.on_epoch_start(ctx)
-                _agree_across_ranks(step.distillers)
-
-            def mid_epoch_checkpoint() -> None:
-                every = cfg.train.checkpoint_every
-                if every and state.iteration % every == 0 and state.epoch_iter < iters_per_epoch:
-                    save(["last.pt"])
-
-            _train_one_epoch(model, step, train_loader, opt, sched, scaler, state, cfg, device, logger, progress,
-                             mid_epoch_checkpoint)
-            state.epoch += 1
-            state.epoch_iter = 0
-
-            last_epoch = state.epoch == cfg.train.epochs
-            if (cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0) or last_epoch:
-                metrics = evaluate_model(step.student, val_loader, coco_gt, device, progress, cfg.eval.max_dets)
-                metrics["epoch"] = state.epoch
-                logger.log({"kind": "eval", **metrics}, state.iteration)
-                info(f"epoch {state.epoch}/{cfg.train.epochs}: mAP {metrics['mAP']:.4f} AP50 {metrics['AP50']:.4f} "
-                     f"AP75 {metrics['AP75']:.4f} VOC_AP50 {metrics['VOC_AP50']:.4f}")
-            is_best = bool(metrics) and metrics.get("epoch") == state.epoch and metrics["mAP"] > state.best
-            if is_best:
-                state.best = metrics["mAP"]
-            names = ["last.pt"] + ([f"epoch_{state.epoch}.pt"] if cfg.train.keep_last else [])
-            save(names + (["best.pt"] if is_best else []))
-            if dist.is_main() and cfg.train.keep_last:
-                rotate_epoch_checkpoints(out, cfg.train.keep_last)
-            dist.barrier()
+        while run.state.epoch < cfg.train.epochs:
+            _start_epoch(run)
+            train_one_epoch(run, after_step=lambda: _mid_epoch_checkpoint(run))
+            run.state.epoch += 1
+            run.state.epoch_iter = 0
+            _end_epoch(run)
     except RunStopped:
         raise
     except Exception as e:
         if dist.is_dist() and _is_collective_failure(e):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DistributedError(
-                f"rank {dist.rank()} of {dist.world_size()}: a collective operation failed at iteration "
-                f"{state.iteration} (another rank died, or did not answer within train.dist_timeout_s = "
-                f"{cfg.train.dist_timeout_s} s): {first}. Resume the run with --resume once every rank can run."
-            ) from e
+            raise _distributed_error(e, run) from e
         raise
     finally:
-        logger.close()
+        run.logger.close()
+    metrics = run.metrics
     if device.type == "cuda" and metrics:
         metrics = {**metrics, "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}  # for detkd bench
     if dist.is_main():  # the run's result, read by `detkd bench`
@@ -393,14 +303,171 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     return metrics
 
 
-def _train_one_epoch(model: nn.Module, step: DistillStep, loader, opt, sched, scaler, state: LoopState,
-                     cfg: Config, device: torch.device, logger: RunLogger, progress: bool,
-                     after_step: Callable[[], None] = lambda: None) -> None:
+def _seed_and_fix_threads(cfg: Config) -> None:
+    seed_everything(cfg.train.seed + dist.rank())
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)  # float sums are split by thread: fixed threads, same result
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _set_up(cfg: Config, out: Path, device: torch.device, progress: bool) -> Run:
+    """Loaders, models (the student first: see :func:`detkd.assemble.build_models`), optimizer, schedule."""
+    train_set, val_set, train_loader, val_loader, train_sampler = _make_loaders(cfg)
+    _, teacher, step = build_models(cfg, device)
+    coco_gt = val_set.coco_gt()
+    opt = build_optimizer(list(step.student.parameters()) + list(step.distillers.parameters()), cfg.train)
+    if len(train_loader) == 0:
+        raise ConfigError("data.batch_size is larger than the training set; lower it")
+    sched = build_scheduler(opt, len(train_loader), cfg.train)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
+    return Run(cfg=cfg, out=out, device=device, step=step, model=step, teacher=teacher, opt=opt, sched=sched,
+               scaler=scaler, train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader,
+               coco_gt=coco_gt, sizes=(len(train_set), len(val_set)), progress=progress)
+
+
+def _restore(run: Run, path: Path, ckpt: dict[str, Any]) -> Path:
+    """Load a checkpoint's state into the run (weights, optimizer, schedule, scaler, RNG, position)."""
+    cfg, step = run.cfg, run.step
+    step.student.load_state_dict(ckpt["model"])
+    step.distillers.load_state_dict(ckpt.get("distillers", {}))
+    step.balance_scales = [{k: float(v) for k, v in x.items()} for x in ckpt.get("balance_scales", [])]
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    state = run.state = LoopState(ckpt["epoch"], ckpt["iteration"], ckpt["best"], 0,
+                                  int(ckpt.get("epoch_iteration", 0)))
+    run.resume_samples = int(ckpt.get("epoch_samples", state.epoch_iter * cfg.data.batch_size))
+    run.metrics = ckpt.get("metrics", {})
+    saved_world = int(ckpt.get("world_size", 1))
+    if saved_world == dist.world_size():
+        rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
+    else:
+        # each rank skips its share of the images the old ranks trained in this epoch
+        run.resume_samples = run.resume_samples * saved_world // dist.world_size()
+        info(f"resuming with world size {dist.world_size()} (checkpoint: {saved_world}): the data order and "
+             "RNG streams differ from an uninterrupted run")
+    where = f", {state.epoch_iter} of its {run.iters_per_epoch} iterations" if state.epoch_iter else ""
+    info(f"resumed from {path}: {state.epoch} epochs done{where}, iteration {state.iteration}")
+    return path
+
+
+def _wrap_ddp(step: DistillStep, device: torch.device) -> nn.Module:
+    if not dist.is_dist():
+        return step
+    # the graph is searched for unused parameters only where a distiller says it may leave some
+    return nn.parallel.DistributedDataParallel(
+        step, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=any(d.unused_parameters for d in step.distillers),
+    )
+
+
+def _log_start(run: Run, resume_from: Path | None) -> None:
+    cfg, step, state = run.cfg, run.step, run.state
+    run.logger = RunLogger(run.out)
+    if resume_from is not None:
+        run.logger.log({"kind": "resume", "epoch": state.epoch, "iteration": state.iteration,
+                        "checkpoint": str(resume_from)}, state.iteration)
+    else:  # the student's starting weights, so runs meant to share a start can be checked (detkd bench)
+        run.logger.log({"kind": "start", "student_init": _fingerprint(step.student.state_dict())}, 0)
+    run.context_loader = feature_loader(cfg) if step.distillers else None
+    n_params = sum(p.numel() for p in step.student.parameters())
+    n_train, n_val = run.sizes
+    info(f"{'distil' if step.distillers else 'train'} {cfg.model.arch}/{cfg.model.backbone}: {n_params / 1e6:.2f} M "
+         f"params, {n_train} train / {n_val} val images, {cfg.train.epochs} epochs x "
+         f"{run.iters_per_epoch} iterations, device {run.device}, world size {dist.world_size()}, output {run.out}")
+
+
+def _start_epoch(run: Run) -> None:
+    """The epoch's data order (reseeded: resumable), decay factor, and the distillers' epoch start."""
+    cfg, step, epoch = run.cfg, run.step, run.state.epoch
+    if isinstance(run.train_sampler.base, DistributedSampler):
+        run.train_sampler.base.set_epoch(epoch)
+    run.train_sampler.skip = run.resume_samples
+    run.resume_samples = 0
+    loader = run.train_loader
+    if hasattr(loader, "generator") and loader.generator is not None:
+        loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
+    step.scale = (1.0 - epoch / cfg.train.epochs) if (cfg.distill and cfg.distill.decay) else 1.0
+    if not step.distillers:
+        return
+    ctx = DistillContext(teacher=run.teacher, student=step.student, loader=run.context_loader, device=run.device,
+                         epoch=epoch, epochs=cfg.train.epochs, pairs=step.pairs,
+                         log=lambda d: run.logger.log({"kind": "distill", "epoch": epoch, **d}, run.state.iteration))
+    for d in step.distillers:
+        d.on_epoch_start(ctx)
+    _agree_across_ranks(step.distillers)
+
+
+def _mid_epoch_checkpoint(run: Run) -> None:
+    every, state = run.cfg.train.checkpoint_every, run.state
+    if every and state.iteration % every == 0 and state.epoch_iter < run.iters_per_epoch:
+        _save(run, ["last.pt"])
+
+
+def _end_epoch(run: Run) -> None:
+    """Evaluate when due (always after the last epoch), then write last / epoch_N / best checkpoints."""
+    cfg, state = run.cfg, run.state
+    last_epoch = state.epoch == cfg.train.epochs
+    if (cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0) or last_epoch:
+        metrics = evaluate_model(run.step.student, run.val_loader, run.coco_gt, run.device, run.progress,
+                                 cfg.eval.max_dets)
+        metrics["epoch"] = state.epoch
+        run.metrics = metrics
+        run.logger.log({"kind": "eval", **metrics}, state.iteration)
+        info(f"epoch {state.epoch}/{cfg.train.epochs}: mAP {metrics['mAP']:.4f} AP50 {metrics['AP50']:.4f} "
+             f"AP75 {metrics['AP75']:.4f} VOC_AP50 {metrics['VOC_AP50']:.4f}")
+    metrics = run.metrics
+    is_best = bool(metrics) and metrics.get("epoch") == state.epoch and metrics["mAP"] > state.best
+    if is_best:
+        state.best = metrics["mAP"]
+    names = ["last.pt"] + ([f"epoch_{state.epoch}.pt"] if cfg.train.keep_last else [])
+    _save(run, names + (["best.pt"] if is_best else []))
+    if dist.is_main() and cfg.train.keep_last:
+        rotate_epoch_checkpoints(run.out, cfg.train.keep_last)
+    dist.barrier()
+
+
+def _save(run: Run, names: list[str]) -> None:
+    """Write the loop's state to ``names`` in the run folder (rank 0), unless the weights went non-finite."""
+    step, state = run.step, run.state
+    rngs = gather_rng_states()  # a collective: every rank takes part
+    bad = first_non_finite({**step.student.state_dict(), **{f"distillers.{k}": v for k, v in
+                                                             step.distillers.state_dict().items()}})
+    if dist.is_dist():  # buffers (BatchNorm statistics) differ between ranks: every rank must stop
+        bad = next((b for b in dist.all_gather_objects(bad) if b is not None), None)
+    if bad is not None:
+        raise NonFiniteLossError(
+            f"{bad} holds NaN/Inf at iteration {state.iteration} although the losses were finite; the "
+            f"checkpoints in {run.out} were not overwritten (last.pt is the last good state); lower train.lr "
+            "or enable train.clip_grad"
+        )
+    if not dist.is_main():
+        return
+    ckpt = _checkpoint_state(step, run.opt, run.sched, run.scaler, state, run.cfg, run.metrics, rngs)
+    for name in names:
+        save_checkpoint(run.out / name, ckpt)
+
+
+def _distributed_error(e: BaseException, run: Run) -> DistributedError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return DistributedError(
+        f"rank {dist.rank()} of {dist.world_size()}: a collective operation failed at iteration "
+        f"{run.state.iteration} (another rank died, or did not answer within train.dist_timeout_s = "
+        f"{run.cfg.train.dist_timeout_s} s): {first}. Resume the run with --resume once every rank can run."
+    )
+
+
+def train_one_epoch(run: Run, after_step: Callable[[], None] = lambda: None) -> None:
+    """One pass over the training loader: a step per batch, a skipped step per non-finite loss, logs."""
+    model, step, opt, sched, scaler, state = run.model, run.step, run.opt, run.sched, run.scaler, run.state
+    cfg, device, loader, logger = run.cfg, run.device, run.train_loader, run.logger
     step.student.train()
     if step.teacher is not None:
         step.teacher.eval()
     use_amp = scaler.is_enabled()
-    bar = Progress(len(loader), f"epoch {state.epoch + 1}/{cfg.train.epochs}", enabled=progress)
+    bar = Progress(len(loader), f"epoch {state.epoch + 1}/{cfg.train.epochs}", enabled=run.progress)
     window: dict[str, float] = {}
     n_window = 0
     t_window = time.perf_counter()
