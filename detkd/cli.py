@@ -125,7 +125,8 @@ def cmd_prototypes(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.analysis import analyze_relations, compare_detections, parse_model_specs
+    from detkd.detection_grids import compare_detections, parse_model_specs
+    from detkd.relations import analyze_relations
 
     cfg = load_config(args.config, args.overrides)
     if args.analyze_command == "relations":

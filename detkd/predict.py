@@ -22,9 +22,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from detkd.analysis import draw_detections
 from detkd.config import ConfigError, ModelConfig, from_dict
 from detkd.data import scale_image
+from detkd.detection_grids import draw_detections
 from detkd.engine.logger import Progress
 from detkd.export import pick_checkpoint
 from detkd.models import build_detector

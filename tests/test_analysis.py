@@ -10,30 +10,32 @@ import torch
 import yaml
 from PIL import Image
 
-from detkd.analysis import (
+from detkd.cli import main
+from detkd.config import ConfigError, to_dict
+from detkd.detection_grids import (
     FP_COLOR,
     GAP,
     GT_COLOR,
     HEADER_H,
-    KINDS,
-    RELATIONS,
     TP_COLOR,
-    Bases,
-    choose_bases,
     detections_grid,
-    discrepancy,
     draw_detections,
     grid_size,
-    kmeans_bases,
     match_detections,
     parse_model_specs,
+)
+from detkd.models import build_detector
+from detkd.relations import (
+    KINDS,
+    RELATIONS,
+    Bases,
+    choose_bases,
+    discrepancy,
+    kmeans_bases,
     pool_discrepancies,
     relation_discrepancy,
     relations,
 )
-from detkd.cli import main
-from detkd.config import ConfigError, to_dict
-from detkd.models import build_detector
 from detkd.runtime.checkpoint import CheckpointError
 from tests.engine_helpers import random_global_pair, tiny_config, tiny_model
 

@@ -1,0 +1,308 @@
+"""``detkd analyze detections``: Fig. 3 of "Distilling Object Detectors with Global Knowledge" (ECCV 2022).
+
+**Fig. 3: detections side by side** (``detkd analyze detections``): the same validation images, one row
+per image, one column per model (ground truth optional in the first column, the teacher of the distill
+config next unless left out, then every ``LABEL=CHECKPOINT`` in the given order). Detections with score >=
+``score`` are drawn in original image coordinates with class name and score; as in the paper's figure,
+a detection that matches no ground-truth box (same class, IoU >= 0.5, each box matched once, highest
+scores first) is red, a matching one green; ground truth is blue. A JSON file next to the PNG lists the
+drawn detections.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from detkd.assemble import load_student, load_teacher, resolve_device
+from detkd.config import Config, ConfigError
+from detkd.data import build_dataset, build_loader
+from detkd.engine.evaluate import predict
+from detkd.prototype_export import label_font
+from detkd.runtime.checkpoint import CheckpointError
+from detkd.runtime.console import info
+from detkd.runtime.files import atomic_write_text
+
+CELL = 256  # px of a grid cell (the image's longer side is scaled to it)
+GAP = 6  # px between cells
+HEADER_H = 24  # px of the column-label band
+GRID_BACKGROUND = (255, 255, 255)
+CELL_BACKGROUND = (235, 235, 235)
+TP_COLOR = (0, 170, 0)
+FP_COLOR = (230, 0, 0)
+GT_COLOR = (0, 90, 255)
+IOU_MATCH = 0.5
+
+
+def grid_size(rows: int, cols: int, cell: int = CELL) -> tuple[int, int]:
+    """(width, height) in pixels of a detections grid of ``rows`` images and ``cols`` columns."""
+    return GAP + cols * (cell + GAP), HEADER_H + rows * (cell + GAP) + GAP
+
+
+def parse_model_specs(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``["LABEL=CHECKPOINT", ...]`` -> [(label, path), ...]; a clear ConfigError for a malformed item or a
+    repeated label (the path is split at the first ``=``), a CheckpointError for a missing file."""
+    out: list[tuple[str, str]] = []
+    for item in items:
+        label, sep, path = item.partition("=")
+        label, path = label.strip(), path.strip()
+        if not sep or not label or not path:
+            raise ConfigError(f"--model {item!r}: expected LABEL=CHECKPOINT, e.g. --model global=runs/x/best.pt")
+        if label in {lab for lab, _ in out}:
+            raise ConfigError(f"--model {item!r}: the label {label!r} is used twice")
+        if not Path(path).is_file():
+            raise CheckpointError(f"--model {label}: checkpoint not found: {path}")
+        out.append((label, path))
+    return out
+
+
+def load_model(cfg: Config, checkpoint: str, label: str) -> nn.Module:
+    """The detector of ``checkpoint`` in eval mode: the student model of ``cfg`` (``model``), or, when the
+    weights do not fit it, the teacher model (``distill.teacher``)."""
+    try:
+        return load_student(cfg, checkpoint).eval()
+    except CheckpointError as student_error:
+        if cfg.distill is None:
+            raise CheckpointError(f"--model {label}: {student_error}") from None
+        as_teacher = copy.copy(cfg)
+        as_teacher.model = cfg.distill.teacher
+        try:
+            return load_student(as_teacher, checkpoint).eval()
+        except CheckpointError:
+            raise CheckpointError(f"--model {label}: fits neither the student model nor the teacher model of "
+                                  f"the config; as the student: {student_error}") from None
+
+
+def match_detections(boxes: Tensor, labels: Tensor, scores: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+                     iou: float = IOU_MATCH) -> Tensor:
+    """(M,) bool: detection j matches a ground-truth box of its class with IoU >= ``iou`` not matched by a
+    higher-scoring detection (greedy, highest score first, as in COCO / VOC evaluation)."""
+    from torchvision.ops import box_iou
+
+    hit = torch.zeros(boxes.shape[0], dtype=torch.bool)
+    if boxes.shape[0] == 0 or gt_boxes.shape[0] == 0:
+        return hit
+    ious = box_iou(boxes.float(), gt_boxes.float())
+    ious[labels[:, None] != gt_labels[None, :]] = -1.0
+    taken = torch.zeros(gt_boxes.shape[0], dtype=torch.bool)
+    for j in torch.argsort(scores, descending=True, stable=True).tolist():
+        row = ious[j].masked_fill(taken, -1.0)
+        best = int(row.argmax())
+        if float(row[best]) >= iou:
+            taken[best] = True
+            hit[j] = True
+    return hit
+
+
+def draw_detections(
+    image: Image.Image,
+    boxes: Tensor,
+    labels: Tensor,
+    scores: Tensor | None = None,
+    *,
+    class_names: dict[int, str] | None = None,
+    colors: Sequence[tuple[int, int, int]] | None = None,
+    scale: float = 1.0,
+    width: int = 2,
+) -> Image.Image:
+    """A copy of ``image`` with ``boxes`` (M, 4) xyxy (times ``scale``) outlined, each labelled with its class
+    name (``class_names`` id -> name, else the id) and, when given, score. ``colors``: one RGB per box
+    (default red)."""
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    font = label_font(11)
+    names = class_names or {}
+    for j, (box, lab) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        color = tuple(colors[j]) if colors is not None else FP_COLOR
+        x0, y0, x1, y1 = (v * scale for v in box)
+        draw.rectangle((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)), outline=color, width=width)
+        text = names.get(int(lab), str(int(lab)))
+        if scores is not None:
+            text = f"{text} {float(scores[j]):.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top
+        ty = y0 - th - 3 if y0 - th - 3 >= 0 else y0 + 1
+        draw.rectangle((x0, ty, x0 + tw + 4, ty + th + 3), fill=color)
+        draw.text((x0 + 2 - left, ty + 1 - top), text, fill=(255, 255, 255), font=font)
+    return out
+
+
+def fit_to_cell(image: Image.Image, cell: int = CELL) -> tuple[Image.Image, float]:
+    """``image`` scaled so that its longer side is ``cell`` px (nearest neighbour when enlarging: the
+    pixels of small images stay visible), and the scale factor."""
+    scale = cell / max(image.width, image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR), scale
+
+
+def detections_grid(
+    cells: Sequence[Sequence[Image.Image]], column_labels: Sequence[str], cell: int = CELL,
+    row_labels: Sequence[str] | None = None,
+) -> Image.Image:
+    """Paste ``cells[row][col]`` (each at most ``cell`` px on a side, centred) under a band of column labels;
+    size :func:`grid_size`."""
+    rows, cols = len(cells), len(column_labels)
+    canvas = Image.new("RGB", grid_size(rows, cols, cell), GRID_BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = label_font(13)
+    for c, name in enumerate(column_labels):
+        draw.text((GAP + c * (cell + GAP) + 2, 5), _fit_text(draw, name, font, cell - 4), fill=(0, 0, 0), font=font)
+    for r, row in enumerate(cells):
+        if len(row) != cols:
+            raise ValueError(f"detections_grid: row {r} has {len(row)} cells for {cols} columns")
+        top = HEADER_H + r * (cell + GAP)
+        for c, im in enumerate(row):
+            left = GAP + c * (cell + GAP)
+            draw.rectangle((left, top, left + cell - 1, top + cell - 1), fill=CELL_BACKGROUND)
+            canvas.paste(im, (left + (cell - im.width) // 2, top + (cell - im.height) // 2))
+        if row_labels is not None:
+            small = label_font(10)
+            text = _fit_text(draw, row_labels[r], small, cell - 4)
+            left, t, right, bottom = draw.textbbox((0, 0), text, font=small)
+            x, y = GAP + 1, top + cell - (bottom - t) - 4
+            draw.rectangle((x, y, x + right - left + 3, top + cell - 1), fill=GRID_BACKGROUND)
+            draw.text((x + 2 - left, y + 2 - t), text, fill=(0, 0, 0), font=small)
+    return canvas
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    """``text``, cut and ended with ".." when wider than ``width`` px."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "..", font=font) > width:
+        text = text[:-1]
+    return text + ".."
+
+
+def _ground_truth(coco_gt: dict[str, Any]) -> dict[int, tuple[Tensor, Tensor]]:
+    """image id -> (xyxy boxes, labels) of the non-ignore ground truth, original image coordinates."""
+    boxes: dict[int, list[list[float]]] = {}
+    labels: dict[int, list[int]] = {}
+    for a in coco_gt["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        x, y, w, h = (float(v) for v in a["bbox"])
+        boxes.setdefault(int(a["image_id"]), []).append([x, y, x + w, y + h])
+        labels.setdefault(int(a["image_id"]), []).append(int(a["category_id"]))
+    return {img: (torch.tensor(b).reshape(-1, 4), torch.tensor(labels[img], dtype=torch.int64))
+            for img, b in boxes.items()}
+
+
+def compare_detections(
+    cfg: Config,
+    models: Sequence[tuple[str, str]],
+    out: str | Path,
+    *,
+    images: int = 4,
+    score: float = 0.3,
+    ground_truth: bool = False,
+    teacher: bool = True,
+    cell: int = CELL,
+) -> Path:
+    """``detkd analyze detections``: Fig. 3. The first ``images`` validation images of ``cfg``'s data, one row
+    each; columns: ground truth (when ``ground_truth``), the teacher of ``cfg.distill`` (when ``teacher`` and
+    the config has a distill section), then ``models`` [(label, checkpoint), ...] in order (each loaded as
+    the student model, or as the teacher model when it does not fit: :func:`load_model`). Writes the PNG
+    ``out`` and ``out`` with suffix ``.json`` (the drawn detections, xyxy in original image coordinates).
+    Returns ``out``."""
+    if images < 1:
+        raise ConfigError(f"--images: must be >= 1, got {images}")
+    if not 0.0 <= score <= 1.0:
+        raise ConfigError(f"--score: must be in [0, 1], got {score}")
+    if cell < 32:
+        raise ConfigError(f"--cell: must be >= 32 px, got {cell}")
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: expected a .png file name")
+    columns: list[tuple[str, nn.Module | None]] = []
+    if ground_truth:
+        columns.append(("ground truth", None))
+    if teacher and cfg.distill is not None:
+        columns.append(("teacher", load_teacher(cfg)))
+    for label, path in models:
+        columns.append((label, load_model(cfg, path, label)))
+    if not any(m is not None for _, m in columns):
+        raise ConfigError("analyze detections: no model to show (give --model LABEL=CHECKPOINT, or a distill "
+                          "config without --no-teacher)")
+
+    device = resolve_device(cfg.train.device)
+    val = build_dataset(cfg.data, "val", cfg.model)
+    if len(val) == 0:
+        raise ConfigError(f"data: the validation split under {cfg.data.root} has no images")
+    chosen = list(range(min(images, len(val))))
+    gt = val.coco_gt()
+    files = {int(im["id"]): str(im["file_name"]) for im in gt["images"]}
+    image_ids = [int(gt["images"][i]["id"]) for i in chosen]
+    truth = _ground_truth(gt)
+    empty = (torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64))
+    class_names = {int(c["id"]): str(c["name"]) for c in val.categories}
+
+    per_column: list[dict[int, dict[str, Tensor]]] = []
+    for label, model in columns:
+        if model is None:
+            per_column.append({img: {"boxes": truth.get(img, empty)[0], "labels": truth.get(img, empty)[1]}
+                               for img in image_ids})
+            continue
+        info(f"detections: {label} on {len(chosen)} validation images")
+        loader = build_loader(val, cfg.data.batch_size, 0, shuffle=False, sampler=chosen)
+        dets = predict(model.to(device), loader, device, progress=False)
+        model.cpu()
+        found: dict[int, dict[str, Tensor]] = {}
+        for img in image_ids:
+            mine = sorted((d for d in dets if int(d["image_id"]) == img and d["score"] >= score),
+                          key=lambda d: -d["score"])
+            boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]).reshape(-1, 4)
+            labels = torch.tensor([int(d["category_id"]) for d in mine], dtype=torch.int64)
+            scores = torch.tensor([float(d["score"]) for d in mine])
+            g_boxes, g_labels = truth.get(img, empty)
+            found[img] = {"boxes": boxes, "labels": labels, "scores": scores,
+                          "correct": match_detections(boxes, labels, scores, g_boxes, g_labels)}
+        per_column.append(found)
+
+    cells: list[list[Image.Image]] = []
+    for img in image_ids:
+        with Image.open(files[img]) as im:
+            base, scale = fit_to_cell(im.convert("RGB"), cell)
+        row = []
+        for dets_of in per_column:
+            d = dets_of[img]
+            if "scores" not in d:  # ground truth
+                colors = [GT_COLOR] * d["boxes"].shape[0]
+                row.append(draw_detections(base, d["boxes"], d["labels"], None, class_names=class_names,
+                                           colors=colors, scale=scale))
+            else:
+                colors = [TP_COLOR if ok else FP_COLOR for ok in d["correct"].tolist()]
+                row.append(draw_detections(base, d["boxes"], d["labels"], d["scores"], class_names=class_names,
+                                           colors=colors, scale=scale))
+        cells.append(row)
+    grid = detections_grid(cells, [label for label, _ in columns], cell, [f"image {img}" for img in image_ids])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+
+    listing = {
+        "score_threshold": score, "iou_match": IOU_MATCH, "columns": [label for label, _ in columns],
+        "checkpoints": {"teacher": cfg.distill.teacher_checkpoint} if teacher and cfg.distill is not None else {},
+        "images": [{"image_id": img, "file": files[img]} for img in image_ids],
+        "detections": {},
+    }
+    listing["checkpoints"].update(dict(models))
+    for (label, _), dets_of in zip(columns, per_column):
+        listing["detections"][label] = {
+            str(img): [
+                {"box_xyxy": [round(v, 2) for v in b], "label": int(lab), "name": class_names.get(int(lab), ""),
+                 **({"score": round(float(d["scores"][j]), 4), "correct": bool(d["correct"][j])}
+                    if "scores" in d else {})}
+                for j, (b, lab) in enumerate(zip(d["boxes"].tolist(), d["labels"].tolist()))
+            ]
+            for img, d in dets_of.items()
+        }
+    atomic_write_text(out.with_suffix(".json"), json.dumps(listing, indent=2))
+    info(f"detections: {len(image_ids)} images x {len(columns)} columns -> {out}")
+    return out
