@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from detkd.bench import format_markdown, load_bench, plan_runs, summarise
+from detkd.bench import load_bench, plan_runs
+from detkd.bench_table import format_markdown, summarise
 from detkd.cli import main
 from detkd.config import ConfigError, to_dict
 from tests.engine_helpers import tiny_config, tiny_model

@@ -22,7 +22,7 @@ import torch
 from detkd.config import ConfigError
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
-from detkd.distill.global_kd import cosine_all_terms, cosine_max_sigma, paper_global_terms, paper_sigma
+from detkd.distill.global_terms import cosine_all_terms, cosine_max_sigma, paper_global_terms, paper_sigma
 from detkd.distill.pgm import project
 from detkd.taps import Taps
 

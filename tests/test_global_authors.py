@@ -23,7 +23,7 @@ import math
 import torch
 
 from detkd.distill import build_distiller
-from detkd.distill.global_kd import (
+from detkd.distill.global_terms import (
     authors_decoupled_terms,
     cosine_all_terms,
     finest56_box_levels,

@@ -18,7 +18,7 @@ LAYERS = [
     ("detkd.taps",),  # the one module that opens detectors
     ("detkd.distill",),  # the methods
     ("detkd.engine", "detkd.assemble"),  # the training / evaluation loop, and the set-up of a run
-    ("detkd.cli", "detkd.bench", "detkd.demo", "detkd.export", "detkd.predict", "detkd.relations",
+    ("detkd.cli", "detkd.bench", "detkd.bench_table", "detkd.demo", "detkd.export", "detkd.predict", "detkd.relations",
      "detkd.detection_grids", "detkd.prototype_export"),  # the commands
 ]
 

@@ -22,7 +22,8 @@ from detkd.distill.common import (
     graph_zero,
 )
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
-from detkd.distill.global_kd import PrototypeDistiller, PrototypeOptions, level_masks
+from detkd.distill.global_kd import PrototypeDistiller, PrototypeOptions
+from detkd.distill.global_terms import level_masks
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
 from detkd.taps import TapRequest, Taps
 
