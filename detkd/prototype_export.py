@@ -34,7 +34,6 @@ from detkd.config import Config, ConfigError, to_dict
 from detkd.distill import REGISTRY, build_distiller
 from detkd.distill.base import DistillContext
 from detkd.distill.global_kd import PrototypeDistiller
-from detkd.distill.pgm import select_prototypes
 from detkd.models import paired_channels, pyramid_levels
 from detkd.runtime import dist
 from detkd.runtime.console import info
@@ -59,28 +58,6 @@ def prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
         if cls is not None and issubclass(cls, PrototypeDistiller):
             return m.name, dict(m.options)
     return "global", {}
-
-
-class _CostRecorder:
-    """Stands in for ``bank._generate`` to keep PGM's Eq. 4 costs, which the bank does not store.
-
-    For ``pgm`` it makes the call :func:`detkd.distill.prototypes.generate` makes (``select_prototypes``
-    with the bank's k, lam and generator options) and keeps the costs; other generators go to the bank's own
-    method unchanged.
-    """
-
-    def __init__(self, bank):
-        self.bank = bank
-        self.original = bank._generate
-        self.costs: dict[tuple[int, int], list[float]] = {}
-
-    def __call__(self, level: int, cls: int, ft, fs, areas):
-        if self.bank.generator != "pgm" or ft.shape[0] == 0:
-            return self.original(level, cls, ft, fs, areas)
-
-        res = select_prototypes(ft, fs, k=self.bank.k, lam=self.bank.lam, **self.bank.gen_opts)
-        self.costs[(level, cls)] = [float(c) for c in res.costs.cpu()]
-        return res.indices.cpu().to(torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,8 +155,7 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     distiller = build_distiller(name, options, t_ch, s_ch, cfg.model.arch,
                                 where="distill.methods (prototype method)")
     bank = distiller.bank
-    recorder = _CostRecorder(bank)
-    bank._generate = recorder
+    bank.pgm_costs = {}  # PGM's Eq. 4 costs, for prototypes.json
     teacher.to(device)
     student.to(device)
 
@@ -195,8 +171,8 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
         return out
 
     # map the bank's instance keys back to files and original boxes
-    keys = bank._teacher_cache["keys"]  # (N, 2) (image id, box index), the rows the indices point to
-    pool_counts = torch.bincount(bank._teacher_cache["labels"], minlength=cfg.model.num_classes + 1).tolist()
+    keys = bank.pool_keys  # (N, 2) (image id, box index), the rows the indices point to
+    pool_counts = torch.bincount(bank.pool_labels, minlength=cfg.model.num_classes + 1).tolist()
     dataset = loader.dataset  # the non-augmented training set the bank was built from
     files, table = instance_table(dataset.coco_gt())
     class_names = {int(c["id"]): c["name"] for c in dataset.categories}
@@ -224,7 +200,7 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
                                        f"label {label} in the ground truth; the bank and the data set disagree")
                 found.append(box)
             boxes = torch.tensor(found, dtype=torch.float32).reshape(-1, 4)
-            costs = recorder.costs.get((lv, c))
+            costs = bank.pgm_costs.get((lv, c))
             classes_pt[c] = {
                 "indices": p.indices.clone(), "image_ids": k[:, 0].clone(), "box_index": k[:, 1].clone(),
                 "boxes": boxes, "teacher": p.teacher.clone(), "student": p.student.clone(),

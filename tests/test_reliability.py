@@ -166,8 +166,8 @@ def test_killed_at_every_point_resumes_like_an_uninterrupted_run(data_root, teac
     assert main(["distill", str(cfg), "--resume", "--quiet"]) == 0
     assert not list(out.glob(".*.tmp"))
     # bounded disk use: last, best and keep_last = 1 epoch checkpoint
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "epoch_2.pt", "last.pt",
-                                                     "metrics.jsonl", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "epoch_2.pt", "final.json",
+                                                     "last.pt", "metrics.jsonl", "tb"]
     records = read_jsonl(out / "metrics.jsonl")
     resumes = [i for i, r in enumerate(records) if r["kind"] == "resume"]
     assert len(resumes) == 4

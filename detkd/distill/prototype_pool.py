@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from detkd.data import kept_boxes
+from detkd.distill.pgm import select_prototypes
 from detkd.distill.prototypes import EXTRACTIONS, GENERATORS, Prototypes, generate, instance_features_levels
 from detkd.runtime.dist import all_gather_cat, all_gather_objects, is_main, rank, world_size
 from detkd.taps import TapRequest, select_levels, tap_teacher, transform_batch
@@ -198,6 +199,8 @@ class PrototypeBank:
         self.refreshes = 0  # how many times prototypes were (re)selected
         # teacher cache: keys (N, 2) = (image id, box index), labels, areas, features per level (CPU)
         self._teacher_cache: dict[str, Any] | None = None
+        # set to {} to keep PGM's Eq. 4 objective after each pick, per (level, class) (``detkd prototypes``)
+        self.pgm_costs: dict[tuple[int, int], list[float]] | None = None
         self._device_cache: dict[str, Any] = {}
 
     # -- queries
@@ -234,8 +237,27 @@ class PrototypeBank:
             self._device_cache[key] = (t.to(device), s.to(device)) if device is not None else (t, s)
         return self._device_cache[key]
 
+    @property
+    def pool_keys(self) -> Tensor:
+        """(N, 2) int64 (image id, box index) of the pooled instances, the rows prototype indices point to."""
+        if self._teacher_cache is None:
+            raise RuntimeError("the prototype pool is built by the first refresh")
+        return self._teacher_cache["keys"]
+
+    @property
+    def pool_labels(self) -> Tensor:
+        """(N,) int64 class of each pooled instance."""
+        if self._teacher_cache is None:
+            raise RuntimeError("the prototype pool is built by the first refresh")
+        return self._teacher_cache["labels"]
+
     # -- selection
     def _generate(self, level: int, cls: int, ft: Tensor, fs: Tensor, areas: Tensor | None) -> Tensor:
+        if self.pgm_costs is not None and self.generator == "pgm" and ft.shape[0] > 0:
+            # the call generate() makes for pgm, keeping the Eq. 4 costs it drops
+            res = select_prototypes(ft, fs, k=self.k, lam=self.lam, **self.gen_opts)
+            self.pgm_costs[(level, cls)] = [float(c) for c in res.costs.cpu()]
+            return res.indices.cpu().to(torch.int64)
         return generate(
             ft, fs, self.k, self.generator, lam=self.lam, seed=self.seed + 1009 * level + cls,
             areas=areas, **self.gen_opts,
