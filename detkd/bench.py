@@ -58,6 +58,7 @@ class BenchMethod:
 
     methods: list[MethodConfig] = field(default_factory=list)  # as distill.methods of a run config
     overrides: list[str] = field(default_factory=list)  # key=value for this row, e.g. train.clip_grad=35
+    seeds: list[int] = field(default_factory=list)  # the seeds this row runs (an ablation on one seed); [] = all
 
 
 @dataclass
@@ -122,6 +123,10 @@ def load_bench(path: str | Path, overrides: list[str] | None = None) -> tuple[Be
         raise ConfigError(f"{path}: seeds: {cfg.seeds} repeats a seed")
     if cfg.pretrain_epochs < 0 or cfg.epochs < 0:
         raise ConfigError(f"{path}: pretrain_epochs and epochs must be >= 0")
+    for label, m in methods.items():
+        if set(m.seeds) - set(cfg.seeds):
+            raise ConfigError(f"{path}: methods.{label}.seeds: {m.seeds} names a seed the bench does not run "
+                              f"(seeds: {cfg.seeds})")
     return cfg, methods
 
 
@@ -185,6 +190,8 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
             base["model"]["backbone_weights"] = "none"
         runs.append(Run(f"seed{seed}/baseline", "baseline", seed, "train", base))
         for label, m in methods.items():
+            if m.seeds and seed not in m.seeds:
+                continue
             raw = apply_overrides(_with(student, out / f"seed{seed}/{label}", seed=seed, epochs=epochs),
                                   list(cfg.finetune_overrides) if init else [])
             raw["distill"] = {

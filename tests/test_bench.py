@@ -191,3 +191,14 @@ def test_fixed_budget_rows_share_the_start_and_the_table_marks_intervals(tmp_pat
     data = json.loads((out / "results.json").read_text())
     kd = next(e for e in data["table"] if e["row"] == "kd")
     assert kd["gain_lo"] <= kd["gain"] <= kd["gain_hi"]
+
+
+def test_a_row_can_run_on_some_seeds_only(tmp_path):
+    """An ablation row on one seed: planned for that seed only; a seed the bench does not run is refused."""
+    path = _bench_file(tmp_path, pretrain_epochs=0, seeds=[0, 1],
+                       methods={"kd": ["kd"], "fitnet": {"methods": ["fitnet"], "seeds": [1]}})
+    names = [r.name for r in plan_runs(*load_bench(path))]
+    assert names == ["teacher", "seed0/baseline", "seed0/kd", "seed1/baseline", "seed1/fitnet", "seed1/kd"]
+    bad = _bench_file(tmp_path, methods={"fitnet": {"methods": ["fitnet"], "seeds": [7]}})
+    with pytest.raises(ConfigError, match=r"methods.fitnet.seeds: \[7\] names a seed the bench does not run"):
+        load_bench(bad)

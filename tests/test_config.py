@@ -29,12 +29,20 @@ def test_every_shipped_bench_plans_valid_runs():
     from detkd.bench import load_bench, plan_runs
 
     files = sorted(glob.glob("configs/bench/*.yaml"))
-    assert len(files) == 6
+    assert len(files) == 8
+    fixed_budget = {"configs/bench/digits_faster_rcnn.yaml", "configs/bench/digits_fcos.yaml"}
     for f in files:
         cfg, methods = load_bench(f)
         runs = plan_runs(cfg, methods)  # validates every run's config
         rows = {r.row for r in runs}
-        assert {"teacher", "baseline", "global", "fgd", "gid", "kd+prototypes"} <= rows
+        if f in fixed_budget:  # the evidence benches: no warm start, the global method and its options
+            assert cfg.pretrain_epochs == 0 and {"pretrain", "fair_budget"}.isdisjoint(rows)
+            assert {"teacher", "baseline", "fgfi", "gid", "global", "global_linear", "pkd"} <= rows
+            full = [label for label, m in methods.items() if not m.seeds]
+            assert {"fgfi", "gid", "global", "pkd"} <= set(full)
+            assert all(r.raw["train"]["threads"] == 1 and r.raw["train"]["deterministic"] for r in runs)
+        else:
+            assert {"teacher", "baseline", "global", "fgd", "gid", "kd+prototypes"} <= rows
         assert len({r.seed for r in runs if r.seed >= 0}) == 3
 
 
