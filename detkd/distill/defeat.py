@@ -1,5 +1,5 @@
 """DeFeat: distillation via decoupled features (Guo et al., "Distilling Object Detectors via Decoupled
-Features", CVPR 2021).
+Features", CVPR 2021, https://arxiv.org/abs/2103.14475).
 
 Two decoupled parts, each with its own weights:
 

@@ -1,4 +1,5 @@
-"""FGD: Focal and Global Knowledge Distillation for Detectors (Yang et al., CVPR 2022).
+"""FGD: Focal and Global Knowledge Distillation for Detectors (Yang et al., CVPR 2022,
+https://arxiv.org/abs/2111.11837).
 
 Feature distillation on every FPN level, in four terms:
 

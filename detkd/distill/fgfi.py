@@ -1,5 +1,5 @@
 """FGFI: fine-grained feature imitation near objects (Wang et al., "Distilling Object Detectors with
-Fine-grained Feature Imitation", CVPR 2019).
+Fine-grained Feature Imitation", CVPR 2019, https://arxiv.org/abs/1906.03609).
 
 Imitation mask I (Sec. 3.1): for every ground-truth box, the IoU with every anchor, its maximum m and the
 threshold psi * m (psi = 0.5); a feature location is in I when any of its anchors reaches the threshold of

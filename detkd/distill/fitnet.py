@@ -1,4 +1,4 @@
-"""FitNet hints on every pyramid level (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015).
+"""FitNet hints on every pyramid level (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, https://arxiv.org/abs/1412.6550).
 
 The paper's hint loss (Eq. 3) is 1/2 ||u_h(x) - r(v_g(x))||^2 between the teacher's hint layer u_h and a
 regressor r on the student's guided layer v_g. Here the hint and guided layers are the FPN outputs of

@@ -1,4 +1,5 @@
-"""GID: General Instance Distillation for Object Detection (Dai et al., CVPR 2021).
+"""GID: General Instance Distillation for Object Detection (Dai et al., CVPR 2021,
+https://arxiv.org/abs/2103.02340).
 
 No ground truth is used to choose what to distil. The general instance selection module (GISM) compares
 the teacher's and the student's predictions box by box:

@@ -1,4 +1,5 @@
-"""Global-knowledge distillation (Tang et al., "Distilling Object Detectors with Global Knowledge", ECCV 2022):
+"""Global-knowledge distillation (Tang et al., "Distilling Object Detectors with Global Knowledge", ECCV 2022,
+https://arxiv.org/abs/2210.09022):
 the robust distillation module (RDM, Eq. 6-9) on prototypes chosen by PGM (Alg. 1), refreshed every
 ``refresh_every`` epochs (Alg. 2). The Table 4 "+prototypes" variants of DeFeat, vanilla KD and RKD build on
 :class:`PrototypeDistiller` in :mod:`detkd.distill.prototype_variants`.

@@ -1,5 +1,5 @@
 """Vanilla knowledge distillation on classification outputs (Hinton et al., "Distilling the Knowledge in a
-Neural Network", 2015).
+Neural Network", 2015, https://arxiv.org/abs/1503.02531).
 
 Hinton et al. (Sec. 2) match the temperature-softened class distributions of teacher and student and
 multiply by T^2 so the gradient scale does not depend on T. For detectors:

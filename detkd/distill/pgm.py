@@ -1,4 +1,5 @@
-"""Prototype generation module (PGM) of "Distilling Object Detectors with Global Knowledge" (ECCV 2022).
+"""Prototype generation module (PGM) of "Distilling Object Detectors with Global Knowledge" (ECCV 2022,
+https://arxiv.org/abs/2210.09022).
 
 Alg. 1 picks K instances ("prototypes") that serve as common basis vectors in both feature spaces. It is
 greedy matching pursuit on the objective of Eq. 2: the residuals start as the features (Eq. 3); at each
@@ -26,7 +27,7 @@ total objective by
     S_tt[k] = sum_i P_t[i, k]^2,  S_ss[k] = sum_i P_s[i, k]^2,  S_ts[k] = sum_i P_t[i, k] P_s[i, k],
 
 with P_t[i, k] = <r_i^t, f_k^t>. Picking argmin of Eq. 4 = argmax of gain. No (candidates x D x N) tensor
-and no N x N matrix is needed (see /work/shared/notes/pgm-fast.md):
+and no N x N matrix is needed, because every sum collapses onto D x D Gram matrices:
 
 - initially R = F, so S_tt[k] = f_k^T (F_t^T F_t) f_k and S_ts[k] = f_k^t^T (F_t^T F_s) f_k^s: three
   D x D Gram matrices, O(N D^2) once, evaluated for the candidates in chunks;

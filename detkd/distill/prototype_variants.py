@@ -1,5 +1,6 @@
 """The paper's Table 4 "+prototypes" variants of DeFeat, vanilla KD and RKD (Tang et al., "Distilling Object
-Detectors with Global Knowledge", ECCV 2022, Table 4).
+Detectors with Global Knowledge", ECCV 2022,
+https://arxiv.org/abs/2210.09022, Table 4).
 
 They call the terms of :mod:`detkd.distill.defeat` / :mod:`detkd.distill.kd` (same normalisations and
 defaults) with the prototype-based weights (sigma, Eq. 8); RKD's relation is replaced. The prototype bank

@@ -1,5 +1,5 @@
 """RKD: relational knowledge distillation between instance embeddings (Park et al., "Relational Knowledge
-Distillation", CVPR 2019).
+Distillation", CVPR 2019, https://arxiv.org/abs/1904.05068).
 
 Instances are the ground-truth boxes of the batch (``Taps.targets``, transformed frame), RoIAligned on
 their canonical pyramid level of each detector (:func:`detkd.taps.pool_boxes`) and global-average-pooled
