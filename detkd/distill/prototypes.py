@@ -187,7 +187,7 @@ def dbscan_labels(x: Tensor, eps: float = 0.0, min_samples: int = 5) -> Tensor:
     Euclidean distances on the features as given, like the K-means generator. ``eps=0`` picks it from the
     data (so it follows the feature scale): the median distance to the ``min_samples``-th nearest neighbour.
     """
-    from sklearn.cluster import DBSCAN
+    from sklearn.cluster import DBSCAN  # here: scikit-learn adds ~2 s to the import, and only DBSCAN needs it
 
     z = x.detach().double().cpu()
     if eps <= 0:
