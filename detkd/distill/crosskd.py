@@ -159,6 +159,9 @@ class CrossKD(Distiller):
         """The teacher's head on the student's (adapted, aligned) head features: the cross-head outputs."""
         if teacher.head_tail is None or student.head_cls_features is None or teacher.head_cls_features is None:
             raise ValueError("crosskd: the taps hold no head features / teacher head tail (request head_layer)")
+        if student.head_layer != self.cross_at:  # merged requests keep one head layer: a second crosskd differs
+            raise ValueError(f"crosskd: the taps recorded head layer {student.head_layer}, this method's "
+                             f"cross_at is {self.cross_at} (one crosskd per run, or the same cross_at)")
         cls_in = [self.cls_adapter(f) for f in student.head_cls_features]
         reg_in = [self.reg_adapter(f) for f in student.head_reg_features]
         if self.opts.align_scale:
