@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN_MODULES = ("fitnet", "fgfi", "defeat", "kd", "rkd", "fgd", "gid", "global_kd", "pkd", "cwd", "mgd")
+BUILTIN_MODULES = ("fitnet", "fgfi", "defeat", "kd", "rkd", "fgd", "gid", "global_kd", "pkd", "cwd", "mgd", "crosskd")
 
 
 def load_builtin() -> None:

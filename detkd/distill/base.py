@@ -83,8 +83,10 @@ def build_distiller(
     student_channels: list[int],
     arch: str,
     where: str = "distill",
+    pair: str = "",
 ) -> Distiller:
-    """Look ``name`` up in the registry, validate its options, and check it supports ``arch``."""
+    """Look ``name`` up in the registry, validate its options, and check it supports ``arch`` (``pair``, e.g.
+    "teacher X / student Y", is named in that refusal)."""
     from detkd.distill import load_builtin
 
     load_builtin()
@@ -93,8 +95,10 @@ def build_distiller(
         raise ConfigError(f"{where}.name: unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
     cls = REGISTRY[name]
     if arch not in cls.archs:
+        why = f": {cls.why}" if getattr(cls, "why", "") else ""
         raise ConfigError(
-            f"{where}.name: method {name!r} does not support {arch} (supported: {', '.join(cls.archs)})"
+            f"{where}.name: method {name!r} does not support {arch} students (supported: "
+            f"{', '.join(cls.archs)}){why}" + (f"; the pair is {pair}" if pair else "")
         )
     opts = from_dict(cls.Options, options, f"{where}.options")
     check_option_values(opts, where)
