@@ -12,7 +12,8 @@ ResNet-18 FPN-32 student, Faster R-CNN box_batch_size_per_image 128) with an unt
   distillers (features, and RoI outputs for Faster R-CNN / dense head outputs for RetinaNet), no distiller;
 - ``+teacher (features)``: the same with the teacher asked for its features only (what fitnet, fgfi, rkd,
   fgd need), so that every method can also be compared with the teacher forward of its OWN request;
-- ``+METHOD``: ``detkd.assemble.build_models`` + ``DistillStep`` with that one method: exactly the
+- ``+METHOD``: (the methods that support the family: crosskd is RetinaNet / FCOS only)
+  ``detkd.assemble.build_models`` + ``DistillStep`` with that one method: exactly the
   training step (forward, backward, optimizer step). Prototype methods (``global``) select their
   prototypes once before timing (:meth:`on_epoch_start`, as before an epoch; the refresh is per epoch,
   not per step).
@@ -56,7 +57,7 @@ from machine import cpu_name  # benchmarks/machine.py (the script's own folder i
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = ["fitnet", "fgfi", "defeat", "kd", "rkd", "fgd", "gid", "global"]
+METHODS = ["fitnet", "fgfi", "defeat", "kd", "rkd", "fgd", "gid", "global", "pkd", "cwd", "mgd", "crosskd"]
 ARCHS = ["faster_rcnn", "retinanet"]
 TARGET = 1.10  # each distiller at most 10 % over "+teacher"
 
@@ -77,15 +78,23 @@ def load_cfg(arch: str, method: str, data_root: str, teacher_ckpt: str, train_im
     return cfg
 
 
+def arch_methods(arch: str, methods: list[str]) -> list[str]:
+    """The methods of ``methods`` that support ``arch`` (crosskd: one-stage only)."""
+    from detkd.distill import REGISTRY
+
+    return [m for m in methods if arch in REGISTRY[m].archs]
+
+
 def merged_request(arch: str, teacher, student):
-    """TapRequest merged over every distiller (what "+teacher" asks of the teacher)."""
+    """TapRequest merged over every distiller of ``arch`` (what "+teacher" asks of the teacher; with crosskd
+    on a one-stage family it includes the head walk of both detectors, ``head_layer``)."""
     from detkd.distill import build_distiller
     from detkd.models import feature_channels
     from detkd.taps import TapRequest
 
     t_ch, s_ch = feature_channels(teacher), feature_channels(student)
     req = TapRequest(features=True)
-    for m in METHODS:
+    for m in arch_methods(arch, METHODS):
         req = req.merge(build_distiller(m, {}, t_ch, s_ch, arch).request())
     return req
 
@@ -122,7 +131,7 @@ def build_config(name: str, arch: str, args: dict) -> dict:
 
         def forward(images, targets):
             image_list, tgts = transform_batch(step.student, images, targets)
-            det_losses, s_taps = tap_student(step.student, image_list, tgts)
+            det_losses, s_taps = tap_student(step.student, image_list, tgts, request)  # head_layer: the walk
             tap_teacher(step.teacher, image_list, tgts, request, s_taps)
             return det_losses, {}
     else:
@@ -306,7 +315,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     start = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     load0 = os.getloadavg()
-    names = ["student", "teacher", "teacher_feat", *a.methods]
+    names = {arch: ["student", "teacher", "teacher_feat", *arch_methods(arch, a.methods)] for arch in a.archs}
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         data_root, teachers = prepare(Path(tmp), a.archs, a.train_images)
@@ -314,10 +323,10 @@ def main() -> None:
                 "train_images": a.train_images, "steps": a.steps, "warmup": a.warmup,
                 "batches": max(1, a.train_images // 8)}
         for arch in a.archs:
-            print(f"{arch}: timing {len(names)} configurations in turn", file=sys.stderr, flush=True)
-            results[arch] = spawn({**base, "arch": arch, "configs": names}, memory=False)
+            print(f"{arch}: timing {len(names[arch])} configurations in turn", file=sys.stderr, flush=True)
+            results[arch] = spawn({**base, "arch": arch, "configs": names[arch]}, memory=False)
             if not a.no_memory:
-                for n in names:
+                for n in names[arch]:
                     print(f"{arch}: memory of {n}", file=sys.stderr, flush=True)
                     results[arch][n].update(spawn({**base, "arch": arch, "configs": [n]}, memory=True))
     load1 = os.getloadavg()
@@ -332,7 +341,7 @@ def main() -> None:
           f"between steps (step); x teach: ratio to 'student + teacher forward' (merged request); x own: to the "
           f"teacher forward of the method's own request; verdict: time and step memory x own <= {TARGET:.2f}")
     for arch in a.archs:
-        print_table(arch, results[arch], names, key)
+        print_table(arch, results[arch], names[arch], key)
 
 
 def print_table(arch: str, r: dict, names: list[str], key: str) -> None:

@@ -27,6 +27,7 @@ from detkd.models.weights import check_checkpoint_fits
 from detkd.runtime import dist
 from detkd.runtime.checkpoint import CheckpointError
 from detkd.runtime.console import info
+from detkd.taps import head_depth
 
 
 def resolve_device(name: str, timeout_s: int = 600) -> torch.device:
@@ -66,7 +67,8 @@ def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Modul
     pairs, t_ch, s_ch = paired_channels(teacher, student, "distill")
     all_pairs = pairs or [(i, i) for i in range(len(t_ch))]
     distillers = nn.ModuleList(
-        build_distiller(m.name, m.options, t_ch, s_ch, cfg.model.arch, where=f"distill.methods[{i}]")
+        build_distiller(m.name, m.options, t_ch, s_ch, cfg.model.arch, where=f"distill.methods[{i}]",
+                        pair=f"teacher {_describe_model(dc.teacher)} / student {_describe_model(cfg.model)}")
         for i, m in enumerate(dc.methods)
     )
     check_requests(distillers, teacher, student, all_pairs, _describe_model(dc.teacher), _describe_model(cfg.model))
@@ -85,7 +87,8 @@ def check_requests(distillers: nn.ModuleList, teacher: nn.Module, student: nn.Mo
                    pairs: list[tuple[int, int]], teacher_name: str, student_name: str) -> None:
     """Raise :class:`ConfigError` at start-up when a method needs outputs that this teacher / student pair
     cannot give: RoI logits or proposals (two-stage on both sides), dense per-anchor outputs (one-stage
-    on both sides, the same anchors per location on every paired level)."""
+    on both sides, the same anchors per location on every paired level), head features for the teacher's
+    head (CrossKD: the same one-stage head type on both sides)."""
     t_arch, s_arch = detector_arch(teacher), detector_arch(student)
     pair = f"teacher {teacher_name} / student {student_name}"
     for i, d in enumerate(distillers):
@@ -97,6 +100,17 @@ def check_requests(distillers: nn.ModuleList, teacher: nn.Module, student: nn.Mo
                 f"Faster R-CNNs have; the pair is {pair} (pick a method without RoI terms, or a Faster "
                 f"R-CNN on both sides)"
             )
+        if req.head_layer >= 0:
+            if t_arch != s_arch or t_arch == "faster_rcnn":
+                raise ConfigError(
+                    f"{where}: runs the teacher's head layers on the student's head features, which needs a "
+                    f"RetinaNet or FCOS head on both sides and the same head type; the pair is {pair} "
+                    f"({t_arch} / {s_arch} heads)"
+                )
+            depth = min(head_depth(teacher), head_depth(student))
+            if req.head_layer > depth:
+                raise ConfigError(f"{where}: head layer {req.head_layer} is past the heads' {depth} conv blocks "
+                                  f"(pair {pair})")
         if req.dense_outputs:
             if t_arch == "faster_rcnn" or s_arch == "faster_rcnn":
                 raise ConfigError(

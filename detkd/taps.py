@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
@@ -35,9 +37,12 @@ class TapRequest:
     roi_outputs: bool = False  # two-stage: teacher box head on the student's sampled RoIs
     dense_outputs: bool = False  # one-stage: teacher head classification / regression outputs
     proposals: bool = False  # two-stage: teacher RPN proposals
+    head_layer: int = -1  # one-stage: >= 0 records both heads' subnet features after conv ``head_layer``
+    # (:func:`run_head`) and gives the teacher taps ``head_tail`` (CrossKD); -1 = not needed
 
     def merge(self, other: TapRequest) -> TapRequest:
-        return TapRequest(**{k: getattr(self, k) or getattr(other, k) for k in self.__dataclass_fields__})
+        out = {k: getattr(self, k) or getattr(other, k) for k in self.__dataclass_fields__ if k != "head_layer"}
+        return TapRequest(**out, head_layer=max(self.head_layer, other.head_layer))
 
 
 @dataclass
@@ -77,6 +82,14 @@ class Taps:
     bbox_regression: Tensor | None = None  # (N, A, 4)
     bbox_ctrness: Tensor | None = None  # FCOS only: (N, A, 1)
     matched_idxs: list[Tensor] | None = None  # per image (A,): gt index >= 0, -1 background, -2 ignore
+    box_coder: object | None = None  # the head's own box coder (decode_boxes)
+    # head subnet features, per level (N, C, H, W), when TapRequest.head_layer >= 0 (see run_head)
+    head_layer: int | None = None
+    head_cls_features: list[Tensor] | None = None
+    head_reg_features: list[Tensor] | None = None
+    # teacher only (head_layer >= 0): runs the teacher's head from head_layer on given per-level features
+    # (cls, reg), with gradients to those features; returns head outputs like cls_logits / bbox_regression
+    head_tail: Callable[[list[Tensor], list[Tensor]], dict[str, Tensor]] | None = None
 
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -146,6 +159,10 @@ def select_levels(taps: Taps, indices: list[int]) -> Taps:
         return torch.cat([chunks[i] for i in indices], dim=dim)
 
     out.num_anchors_per_level = [per_level[i] for i in indices]
+    for name in ("head_cls_features", "head_reg_features"):
+        value = getattr(taps, name)
+        if value is not None:
+            setattr(out, name, [value[i] for i in indices])
     if taps.anchors is not None:
         out.anchors = [pick(a, 0) for a in taps.anchors]
     if taps.matched_idxs is not None:
@@ -283,15 +300,167 @@ def transform_batch(model: nn.Module, images: list[Tensor], targets: list[dict[s
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Dense heads layer by layer (CrossKD: the teacher's head continues from the student's head features)
+#
+# torchvision's RetinaNet and FCOS heads have two subnets (classification, regression), each a ``conv``
+# tower of blocks [Conv2d, optional norm, ReLU] (RetinaNet: Conv2dNormActivation blocks; FCOS: one flat
+# Sequential) and predictor convs, applied to every pyramid level with shared weights. The walk below
+# runs the same modules in the same order as ``head.forward`` and records a block's output before its
+# activation; the activation is then applied out of place so that the recorded tensor survives (the
+# RetinaNet blocks' ReLU is in place).
+
+_NORMS = (nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.LayerNorm)
+
+
+def head_blocks(subnet: nn.Module) -> list[tuple[list[nn.Module], nn.Module | None]]:
+    """The conv tower of a RetinaNet / FCOS head subnet as blocks ``(body, activation)``: body = the conv
+    and its norm, activation = the block's last module (None when the block ends with a conv or norm)."""
+    leaves: list[nn.Module] = []
+    for m in subnet.conv.children():
+        leaves.extend(m.children() if isinstance(m, nn.Sequential) else [m])
+    blocks: list[list[nn.Module]] = []
+    for m in leaves:
+        if isinstance(m, nn.Conv2d) or not blocks:
+            blocks.append([m])
+        else:
+            blocks[-1].append(m)
+    out = []
+    for b in blocks:
+        last = b[-1]
+        if len(b) > 1 and not isinstance(last, (nn.Conv2d, *_NORMS)):
+            out.append((b[:-1], last))
+        else:
+            out.append((b, None))
+    return out
+
+
+def head_depth(model: nn.Module) -> int:
+    """Conv blocks in each subnet tower of a RetinaNet / FCOS head (4 for torchvision's)."""
+    return len(head_blocks(model.head.classification_head))
+
+
+def _activate(act: nn.Module | None, x: Tensor) -> Tensor:
+    if act is None:
+        return x
+    if isinstance(act, nn.ReLU):
+        return F.relu(x)  # out of place: x may be a recorded pre-activation feature
+    return act(x.clone()) if getattr(act, "inplace", False) else act(x)
+
+
+def _tower(blocks: list[tuple[list[nn.Module], nn.Module | None]], x: Tensor, start: int,
+           record: int = -1) -> tuple[Tensor, Tensor | None]:
+    """Blocks ``start..`` on ``x``; also returns the output of block ``record`` (1-based) before its
+    activation (``record == 0``: ``x`` itself)."""
+    kept = x if record == 0 else None
+    for j in range(start, len(blocks)):
+        body, act = blocks[j]
+        for m in body:
+            x = m(x)
+        if j + 1 == record:
+            kept = x
+        x = _activate(act, x)
+    return x, kept
+
+
+def _flatten(out: Tensor, k: int) -> Tensor:
+    # (N, A * K, H, W) -> (N, H W A, K), as the torchvision heads do
+    n, _, h, w = out.shape
+    return out.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k)
+
+
+def _predict(model: nn.Module, cls_x: Tensor, reg_x: Tensor) -> dict[str, Tensor]:
+    """One level's head outputs from the two towers' last features (the predictor convs)."""
+    cls_head, reg_head = model.head.classification_head, model.head.regression_head
+    out = {"cls_logits": _flatten(cls_head.cls_logits(cls_x), cls_head.num_classes)}
+    if detector_arch(model) == "fcos":
+        out["bbox_regression"] = _flatten(F.relu(reg_head.bbox_reg(reg_x)), 4)
+        out["bbox_ctrness"] = _flatten(reg_head.bbox_ctrness(reg_x), 1)
+    else:
+        out["bbox_regression"] = _flatten(reg_head.bbox_reg(reg_x), 4)
+    return out
+
+
+def _cat_levels(per_level: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.cat([o[k] for o in per_level], dim=1) for k in per_level[0]}
+
+
+def _check_layer(model: nn.Module, layer: int) -> None:
+    depth = head_depth(model)
+    if not 0 <= layer <= depth:
+        raise ValueError(f"head layer {layer} is outside 0..{depth} (the head's conv blocks per subnet)")
+
+
+def run_head(model: nn.Module, features: list[Tensor], layer: int
+             ) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor]]:
+    """A RetinaNet / FCOS head on the pyramid ``features``, the same outputs as ``model.head(features)``,
+    and per level the classification and regression towers' features after conv block ``layer``
+    (1-based) before its activation (``layer == 0``: the pyramid features themselves)."""
+    _check_layer(model, layer)
+    cls_blocks = head_blocks(model.head.classification_head)
+    reg_blocks = head_blocks(model.head.regression_head)
+    outs, cls_mid, reg_mid = [], [], []
+    for f in features:
+        cls_x, c = _tower(cls_blocks, f, 0, layer)
+        reg_x, r = _tower(reg_blocks, f, 0, layer)
+        outs.append(_predict(model, cls_x, reg_x))
+        cls_mid.append(c)
+        reg_mid.append(r)
+    return _cat_levels(outs), cls_mid, reg_mid
+
+
+def head_tail(model: nn.Module, layer: int) -> Callable[[list[Tensor], list[Tensor]], dict[str, Tensor]]:
+    """A function that runs ``model``'s head from block ``layer`` on: per level, the activation of block
+    ``layer`` (none for ``layer == 0``), the remaining blocks and the predictors, on given classification
+    and regression tower features (those :func:`run_head` records). In eval mode; no ``no_grad``: with a
+    frozen model the gradient reaches the given features and nothing in ``model``."""
+    _check_layer(model, layer)
+    cls_blocks = head_blocks(model.head.classification_head)
+    reg_blocks = head_blocks(model.head.regression_head)
+    act_c = cls_blocks[layer - 1][1] if layer > 0 else None
+    act_r = reg_blocks[layer - 1][1] if layer > 0 else None
+
+    def run(cls_features: list[Tensor], reg_features: list[Tensor]) -> dict[str, Tensor]:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            outs = []
+            for c, r in zip(cls_features, reg_features):
+                cls_x, _ = _tower(cls_blocks, _activate(act_c, c), layer)
+                reg_x, _ = _tower(reg_blocks, _activate(act_r, r), layer)
+                outs.append(_predict(model, cls_x, reg_x))
+        finally:
+            for m, training in modes:
+                m.training = training
+        return _cat_levels(outs)
+
+    return run
+
+
+def decode_boxes(taps: Taps, regression: Tensor) -> Tensor:
+    """(N, A, 4) head regression outputs -> (N, A, 4) xyxy boxes on ``taps.anchors``, with the head's own
+    box coder (RetinaNet: deltas on anchors; FCOS: side distances scaled by the anchor size)."""
+    if taps.box_coder is None or taps.anchors is None:
+        raise ValueError(f"decode_boxes: the {taps.arch} taps have no box coder / anchors (one-stage only)")
+    if taps.arch == "fcos":
+        return taps.box_coder.decode(regression, torch.stack(taps.anchors))
+    return torch.stack([taps.box_coder.decode_single(r, a) for r, a in zip(regression, taps.anchors)])
+
+
+def _box_coder(model: nn.Module) -> object:
+    return model.head.box_coder if detector_arch(model) == "fcos" else model.head.regression_head.box_coder
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Student
 
 
-def tap_student(model: nn.Module, images: ImageList, targets: list[dict[str, Tensor]]
-                ) -> tuple[dict[str, Tensor], Taps]:
+def tap_student(model: nn.Module, images: ImageList, targets: list[dict[str, Tensor]],
+                request: TapRequest | None = None) -> tuple[dict[str, Tensor], Taps]:
     """The detector's training forward on a transformed batch, step by step through its own modules.
 
     Returns torchvision's loss dict (same keys and values as ``model(images, targets)`` for the same
-    random state) and a :class:`Taps` with every field of the detector's family.
+    random state) and a :class:`Taps` with every field of the detector's family. ``request.head_layer >= 0``
+    (one-stage) also records the head towers' features after that block (:func:`run_head`).
     """
     arch = detector_arch(model)
     if not model.training:
@@ -326,7 +495,12 @@ def tap_student(model: nn.Module, images: ImageList, targets: list[dict[str, Ten
         return losses, taps
 
     feats = taps.features
-    head_outputs = model.head(feats)
+    layer = request.head_layer if request is not None else -1
+    if layer >= 0:
+        head_outputs, taps.head_cls_features, taps.head_reg_features = run_head(model, feats, layer)
+        taps.head_layer = layer
+    else:
+        head_outputs = model.head(feats)
     anchors = model.anchor_generator(images, feats)
     per_level = _num_anchors_per_level(feats, head_outputs["cls_logits"])
     matched = match_anchors(model, anchors, targets, per_level)
@@ -337,6 +511,7 @@ def tap_student(model: nn.Module, images: ImageList, targets: list[dict[str, Ten
     taps.bbox_regression = head_outputs["bbox_regression"]
     taps.bbox_ctrness = head_outputs.get("bbox_ctrness")
     taps.matched_idxs = matched
+    taps.box_coder = _box_coder(model)
     return losses, taps
 
 
@@ -350,9 +525,9 @@ def _check_request(arch: str, request: TapRequest, student: Taps | None) -> None
                          f"a box head to run on RoIs")
     if arch != "faster_rcnn" and request.proposals:
         raise ValueError(f"proposals were requested from a {arch} teacher: only Faster R-CNN has an RPN")
-    if arch == "faster_rcnn" and request.dense_outputs:
-        raise ValueError("dense_outputs were requested from a faster_rcnn teacher: only RetinaNet / FCOS "
-                         "teachers have dense per-anchor outputs")
+    if arch == "faster_rcnn" and (request.dense_outputs or request.head_layer >= 0):
+        raise ValueError("dense_outputs / head_layer were requested from a faster_rcnn teacher: only "
+                         "RetinaNet / FCOS teachers have dense per-anchor outputs and head towers")
     if request.roi_outputs and (student is None or student.rois is None):
         raise ValueError("roi_outputs need the student's sampled RoIs: pass the taps of a Faster R-CNN "
                          "student (student.rois is None)")
@@ -378,11 +553,13 @@ def tap_teacher(model: nn.Module, images: ImageList, targets: list[dict[str, Ten
             taps = _new_taps(model, arch, features, images, targets)
             if arch == "faster_rcnn":
                 _teacher_two_stage(model, images, features, request, student, taps)
-            elif request.dense_outputs:
-                _teacher_one_stage(model, images, targets, taps)
+            elif request.dense_outputs or request.head_layer >= 0:
+                _teacher_one_stage(model, images, targets, taps, request.head_layer)
     finally:
         for m, training in modes:
             m.training = training
+    if arch != "faster_rcnn" and request.head_layer >= 0:
+        taps.head_tail = head_tail(model, request.head_layer)
     return taps
 
 
@@ -403,8 +580,13 @@ def _teacher_two_stage(model: FasterRCNN, images: ImageList, features: dict[str,
 
 
 def _teacher_one_stage(model: nn.Module, images: ImageList, targets: list[dict[str, Tensor]] | None,
-                       taps: Taps) -> None:
-    head_outputs = model.head(taps.features)
+                       taps: Taps, layer: int = -1) -> None:
+    if layer >= 0:
+        head_outputs, taps.head_cls_features, taps.head_reg_features = run_head(model, taps.features, layer)
+        taps.head_layer = layer
+    else:
+        head_outputs = model.head(taps.features)
+    taps.box_coder = _box_coder(model)
     taps.anchors = model.anchor_generator(images, taps.features)
     taps.num_anchors_per_level = _num_anchors_per_level(taps.features, head_outputs["cls_logits"])
     taps.cls_logits = head_outputs["cls_logits"]

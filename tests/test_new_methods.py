@@ -49,7 +49,7 @@ def ref_standardise(values: list[float], unbiased: bool, eps: float) -> list[flo
     n = len(values)
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / (n - 1 if unbiased and n > 1 else n)
-    return [(v - mean) / (math.sqrt(var) + eps) for v in values]
+    return [(v - mean) / math.sqrt(var + eps * eps) for v in values]
 
 
 def ref_pkd(s: torch.Tensor, t: torch.Tensor, stats: str, eps: float = 1e-6) -> float:
@@ -405,3 +405,14 @@ def test_mgd_resumed_run_equals_uninterrupted_run(data_root, teacher, tmp_path):
         for k, v in a[part].items():
             torch.testing.assert_close(v, b[part][k], rtol=0, atol=1e-6, msg=f"{part}.{k}")
     assert int(a["distillers"]["0.calls"]) == int(b["distillers"]["0.calls"]) == 2
+
+
+def test_pkd_one_by_one_level_gives_zero_loss_and_finite_gradient():
+    """A 1x1 pyramid level (P7 of a 96 px image): per-image statistics have variance 0, so the standardised
+    map is 0; the gradient must be 0, not NaN (sqrt's slope at 0 is infinite)."""
+    from detkd.distill.pkd import pkd_loss
+
+    s = torch.randn(2, 3, 1, 1, requires_grad=True)
+    loss = pkd_loss(s, torch.randn(2, 3, 1, 1))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(s.grad).all() and s.grad.abs().sum() == 0

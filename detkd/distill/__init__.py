@@ -6,6 +6,7 @@ from typing import Any
 
 from detkd.config import ConfigError, from_dict
 from detkd.distill.base import Distiller, check_option_values
+from detkd.distill.crosskd import CrossKD
 from detkd.distill.cwd import CWD
 from detkd.distill.defeat import DeFeat
 from detkd.distill.fgd import FGD
@@ -34,6 +35,7 @@ REGISTRY: dict[str, type[Distiller]] = {
     "pkd": PKD,
     "cwd": CWD,
     "mgd": MGD,
+    "crosskd": CrossKD,
 }
 
 
@@ -44,14 +46,18 @@ def build_distiller(
     student_channels: list[int],
     arch: str,
     where: str = "distill",
+    pair: str = "",
 ) -> Distiller:
-    """Look ``name`` up in the registry, validate its options, and check it supports ``arch``."""
+    """Look ``name`` up in the registry, validate its options, and check it supports ``arch`` (``pair``, e.g.
+    "teacher X / student Y", is named in that refusal)."""
     if name not in REGISTRY:
         raise ConfigError(f"{where}.name: unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
     cls = REGISTRY[name]
     if arch not in cls.archs:
+        why = f": {cls.why}" if getattr(cls, "why", "") else ""
         raise ConfigError(
-            f"{where}.name: method {name!r} does not support {arch} (supported: {', '.join(cls.archs)})"
+            f"{where}.name: method {name!r} does not support {arch} students (supported: "
+            f"{', '.join(cls.archs)}){why}" + (f"; the pair is {pair}" if pair else "")
         )
     opts = from_dict(cls.Options, options, f"{where}.options")
     check_option_values(opts, where)

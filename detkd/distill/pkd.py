@@ -18,8 +18,9 @@ works across detector families.
 
 ``stats: batch`` is the authors' released implementation (mmrazor ``PKDLoss``): mean and standard
 deviation per channel over the batch and the positions together, the standard deviation with Bessel's
-correction, ``(x - mean) / (std + 1e-6)``. Both modes use ``std + eps`` in the denominator, so a constant
-channel standardises to 0 instead of NaN.
+correction, ``(x - mean) / (std + 1e-6)``. Both modes divide by ``sqrt(var + eps^2)`` instead (the
+same for any real variance, and a finite gradient at variance 0), so a constant channel or a 1x1 level
+standardises to 0 with a zero gradient instead of NaN.
 
 Widths: when teacher and student differ (e.g. 256 vs 64 channels) the student goes through a 1x1
 convolution first (``adapter: auto``); equal widths are compared directly, as the authors do.
@@ -61,7 +62,7 @@ def standardize(x: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor
 
     ``instance``: statistics over H x W per image and channel, population variance (divide by H W).
     ``batch``: statistics over N x H x W per channel, Bessel-corrected (divide by N H W - 1; by N H W when
-    that is 1), as the authors' code. Both divide by ``std + eps``."""
+    that is 1), as the authors' code. Both divide by ``sqrt(var + eps^2)``."""
     x = x.float()
     dims = (2, 3) if stats == "instance" else (0, 2, 3)
     count = 1
@@ -69,8 +70,10 @@ def standardize(x: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor
         count *= x.shape[d]
     correction = 1 if (stats == "batch" and count > 1) else 0
     mean = x.mean(dim=dims, keepdim=True)
-    std = x.var(dim=dims, keepdim=True, correction=correction).sqrt()
-    return (x - mean) / (std + eps)
+    # eps inside the root: sqrt has an infinite slope at 0, so a 1x1 level (or a constant channel) would send a
+    # NaN gradient through std + eps; sqrt(var + eps^2) gives it 0 and a zero gradient instead
+    std = (x.var(dim=dims, keepdim=True, correction=correction) + eps * eps).sqrt()
+    return (x - mean) / std
 
 
 def pkd_loss(student: Tensor, teacher: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:

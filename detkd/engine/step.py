@@ -45,7 +45,7 @@ class DistillStep(nn.Module):
         if not self.distillers:
             return self.student(images, targets), {}
         image_list, tgts = transform_batch(self.student, images, targets)
-        det_losses, s_taps = tap_student(self.student, image_list, tgts)
+        det_losses, s_taps = tap_student(self.student, image_list, tgts, self.request)
         t_taps = tap_teacher(self.teacher, image_list, tgts, self.request, s_taps)
         if self.pairs is not None:
             t_taps = select_levels(t_taps, [i for i, _ in self.pairs])
