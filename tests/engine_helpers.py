@@ -70,7 +70,7 @@ def real_pair_taps(arch: str, teacher_fpn: int, build_method):
                 "labels": torch.tensor([1, 2])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
     image_list, tt = transform_batch(student, images, targets)
-    det_losses, s_taps = tap_student(student, image_list, tt)
+    det_losses, s_taps = tap_student(student, image_list, tt, method.request())  # as DistillStep taps it
     t_taps = tap_teacher(teacher, image_list, tt, method.request(), s_taps)
     return student, teacher, method, det_losses, t_taps, s_taps, tt
 
