@@ -11,7 +11,8 @@ import torch
 from detkd.config import ConfigError, ModelConfig
 from detkd.distill import build_distiller
 from detkd.distill.crosskd import align_scale, crosskd_losses
-from detkd.taps import TapRequest, head_blocks, head_tail, run_head, tap_student, tap_teacher, transform_batch
+from detkd.head_walk import head_blocks, head_tail, run_head
+from detkd.taps import TapRequest, tap_student, tap_teacher, transform_batch
 
 REPO = Path(__file__).resolve().parents[1]
 

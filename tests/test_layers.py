@@ -15,7 +15,7 @@ LAYERS = [
     ("detkd.runtime",),  # process plumbing: dist, faults, checkpoint I/O, atomic writes, rank-0 printing
     ("detkd.config",),
     ("detkd.data", "detkd.models", "detkd.evaluation"),
-    ("detkd.taps",),  # the one module that opens detectors
+    ("detkd.taps", "detkd.head_walk"),  # the one place that opens detectors (and its dense-head walk)
     ("detkd.distill",),  # the methods
     ("detkd.engine", "detkd.assemble"),  # the training / evaluation loop, and the set-up of a run
     ("detkd.cli", "detkd.bench", "detkd.bench_table", "detkd.demo", "detkd.export", "detkd.predict", "detkd.relations",
