@@ -380,3 +380,31 @@ def test_adapter_choices(adapter, relu):
         conv.bias.fill_(-1.0)
     out = d.adapters[0](torch.ones(1, 2, 4, 4))
     assert torch.all(out == (0.0 if relu else -1.0))
+
+
+def test_feat_region_imitation_uses_fgfis_mask():
+    """feat_region imitation: Eq. 7 on FGFI's anchor-IoU locations (sigma 1 with an empty bank), identity
+    adapter, student = teacher + 1 everywhere: every masked cell has d^2 = C = 2, so the loss is
+    2 n / (2 n) = 1, and the student's gradient is non-zero exactly on FGFI's mask."""
+    from detkd.distill.common import imitation_mask_batch
+
+    d = make("global", use_global=False, use_resp=False, adapter="conv1x1", feat_region="imitation")
+    conv = d.adapters[0][0]
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        conv.bias.zero_()
+    teacher = constant_taps("retinanet", [[2.0, 2.0]], [BOX], [[1]], size=128)
+    student = constant_taps("retinanet", [[2.0, 2.0]], [BOX], [[1]], size=128)
+    s_map = torch.full((1, 2, 16, 16), 3.0, requires_grad=True)
+    teacher.features, student.features = [torch.full((1, 2, 16, 16), 2.0)], [s_map]
+    out = d(teacher, student, student.targets)
+    assert math.isclose(out["loss_local_feat"].item(), 1.0, rel_tol=1e-6)
+    out["loss_local_feat"].backward()
+    mask = imitation_mask_batch(student)[0][0]
+    assert 0 < mask.sum() < 256  # a real region, not the whole map
+    assert torch.equal(s_map.grad[0, 0] != 0, mask > 0)
+
+
+def test_feat_region_and_norm_belong_to_the_paper_loss():
+    with pytest.raises(ConfigError, match="feat_region / feat_norm"):
+        make("global", feat_loss="defeat", feat_region="imitation")

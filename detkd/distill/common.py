@@ -263,6 +263,16 @@ def level_anchors(taps: Taps, image: int, sizes: list[float] | None = None,
     return out
 
 
+def imitation_mask_batch(taps: Taps, factor: float = 0.5, sizes: list[float] | None = None,
+                         aspect_ratios: tuple[float, ...] | list[float] = (0.5, 1.0, 2.0)) -> list[Tensor]:
+    """Per level, the (N, H, W) float 0/1 FGFI imitation masks (:func:`imitation_masks`) of the batch's
+    images, from their ground-truth boxes and the anchors of :func:`level_anchors`."""
+    shapes = [tuple(f.shape[-2:]) for f in taps.features]
+    per_image = [imitation_masks(level_anchors(taps, i, sizes, aspect_ratios), shapes, t["boxes"], factor)
+                 for i, t in enumerate(taps.targets)]
+    return [torch.stack([m[level] for m in per_image]) for level in range(len(shapes))]
+
+
 def imitation_masks(anchors: list[Tensor], shapes: list[tuple[int, int]], boxes: Tensor,
                     factor: float = 0.5) -> list[Tensor]:
     """FGFI near-object imitation mask of one image, per level (H, W) float 0/1 (Wang et al., CVPR 2019,

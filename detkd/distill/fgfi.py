@@ -34,8 +34,7 @@ from detkd.distill.common import (
     build_adapters,
     check_adapters,
     check_pyramids,
-    imitation_masks,
-    level_anchors,
+    imitation_mask_batch,
 )
 from detkd.taps import TapRequest, Taps
 
@@ -76,13 +75,8 @@ class FGFI(Distiller):
 
     def masks(self, student: Taps) -> list[Tensor]:
         """Per level (N, 1, H, W) imitation masks of the batch."""
-        shapes = [tuple(f.shape[-2:]) for f in student.features]
-        sizes = self.opts.anchor_sizes or None
-        per_image = []
-        for i, target in enumerate(student.targets):
-            anchors = level_anchors(student, i, sizes, self.opts.aspect_ratios)
-            per_image.append(imitation_masks(anchors, shapes, target["boxes"], self.opts.factor))
-        return [torch.stack([m[level] for m in per_image])[:, None] for level in range(len(shapes))]
+        masks = imitation_mask_batch(student, self.opts.factor, self.opts.anchor_sizes or None, self.opts.aspect_ratios)
+        return [m[:, None] for m in masks]
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_pyramids(teacher, student, "fgfi")

@@ -34,7 +34,9 @@ Decisions (the paper leaves them open; each documented where it is made):
   normalisation), H = 1x1 conv + ReLU (paper; note FPN outputs are signed). ``feat_norm="all"`` divides
   the sum over all levels by the covered cells of all levels instead (FGFI's N_p over the pyramid: each
   cell counts once, so fine levels are not outweighed by the one or two cells of a coarse level; a
-  detkd option measured in the fixed-budget bench). ``feat_loss="defeat"`` (authors' code,
+  detkd option measured in the fixed-budget bench). ``feat_region="imitation"`` imitates on FGFI's
+  anchor-IoU mask instead of every covered cell of every level (a detkd option, same bench).
+  ``feat_loss="defeat"`` (authors' code,
   :func:`authors_decoupled_terms`): on each level only the boxes assigned to it (``feat_box_level``), mask
   M = sigma, foreground sum M d^2 / max(1, 2 C sum M) with weight ``defeat_fg`` (1), background the same
   with B = 1 - M' (M' = 1 where M > 0, else M) and ``defeat_bg`` (4), both averaged over the levels
@@ -85,6 +87,7 @@ from detkd.distill.common import (
     check_pyramids,
     check_temperature,
     graph_zero,
+    imitation_mask_batch,
 )
 from detkd.distill.global_terms import (
     Instances,
@@ -148,6 +151,10 @@ class GlobalOptions(PrototypeOptions):
     # level); "all" divides the sum over levels by the covered cells of all levels (FGFI's N_p), so the
     # fine levels, which hold most cells, carry most of the term
     feat_norm: Literal["level", "all"] = "level"
+    # feat_loss paper: where Eq. 7 imitates. "boxes" (paper): the cells each box covers, on every level;
+    # "imitation": FGFI's anchor-IoU mask (each object on the locations whose anchors fit it, so on the levels
+    # of its size), a cell weighted by the largest sigma of the boxes covering it (1 outside every box)
+    feat_region: Literal["boxes", "imitation"] = "boxes"
     # H of Eq. 7: the paper's 1x1 conv + ReLU; "conv1x1" drops the ReLU, whose output cannot reach the negative
     # values of a teacher's FPN map (a floor under the term); "conv3x3": the authors' code
     adapter: Literal["conv1x1_relu", "conv1x1", "conv3x3"] = "conv1x1_relu"
@@ -452,6 +459,9 @@ class GlobalKD(PrototypeDistiller):
         self.use_global = opts.use_global and opts.a_global != 0
         self.use_feat = opts.use_feat and opts.a_feat != 0
         self.use_resp = opts.use_resp and opts.a_resp != 0
+        if opts.feat_loss != "paper" and (opts.feat_region != "boxes" or opts.feat_norm != "level"):
+            raise ConfigError("global.options.feat_region / feat_norm: they shape the paper's Eq. 7 "
+                              f"(feat_loss: paper), not feat_loss: {opts.feat_loss}")
         if self.use_feat:
             kind, relu = ("conv1x1", True) if opts.adapter == "conv1x1_relu" else (opts.adapter, False)
             self.adapters = build_adapters(student_channels, teacher_channels, kind, relu=relu,
@@ -513,9 +523,13 @@ class GlobalKD(PrototypeDistiller):
         total = anchor
         fg_sum, bg_sum = anchor, anchor
         cells = torch.zeros((), device=device)  # feat_norm "all": covered cells of every level
+        region = imitation_mask_batch(student) if opts.feat_region == "imitation" else None
         for lv, (adapter, fs_map, ft_map) in enumerate(zip(self.adapters, student.features, teacher.features)):
             d2 = ((adapter(fs_map).float() - ft_map.detach().float()) ** 2).sum(dim=1)  # (N_img, H, W)
             w, cover = level_masks(student, inst, sig[lv], lv, assigned, **mask_opts)
+            if region is not None:  # FGFI's locations; sigma where a box covers them, 1 elsewhere
+                w = region[lv] * torch.where(cover, w, torch.ones_like(w))
+                cover = region[lv] > 0
             if opts.feat_loss == "defeat":
                 fg, bg = authors_decoupled_terms(d2, w, ft_map.shape[1])
                 fg_sum, bg_sum = fg_sum + fg, bg_sum + bg
