@@ -11,7 +11,6 @@ import dataclasses
 import inspect
 import re
 import sys
-import types
 import typing
 from pathlib import Path
 
@@ -19,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from detkd import bench, config  # noqa: E402
+from detkd.distill.describe import type_name  # noqa: E402
 
 HEADER = """# Configuration reference
 
@@ -55,17 +55,6 @@ SECTIONS = [
     ("distill.methods[i]", config.MethodConfig),
 ]
 BENCH = [("bench file", bench.BenchConfig), ("bench file: methods.LABEL", bench.BenchMethod)]
-
-
-def _type(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return "one of [" + ", ".join(f'"{a}"' for a in args) + "]"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("None" if a is type(None) else _type(a) for a in args)
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type(a) for a in args)}]"
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -111,7 +100,7 @@ def section(name: str, cls) -> str:
     lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         meaning = comments.get(f.name, "").replace("|", "\\|")  # a bare | would split the table cell
-        lines.append(f"| `{f.name}` | {_type(hints[f.name])} | {_default(f)} | {meaning} |")
+        lines.append(f"| `{f.name}` | {type_name(hints[f.name], quoted=True)} | {_default(f)} | {meaning} |")
     return "\n".join(lines) + "\n"
 
 

@@ -116,15 +116,17 @@ def option_comments(options_cls: type) -> dict[str, str]:
     return out
 
 
-def type_name(tp: Any) -> str:
-    """A readable type: ``float``, ``list[int]``, ``float or None``, ``one of auto, conv1x1``."""
+def type_name(tp: Any, quoted: bool = False) -> str:
+    """A readable type: ``float``, ``list[int]``, ``float or None``, ``one of auto, conv1x1`` (``quoted``:
+    ``one of ["auto", "conv1x1"]``, as YAML would write the choices)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
-        return "one of " + ", ".join(str(a) for a in args)
+        return "one of [" + ", ".join(f'"{a}"' for a in args) + "]" if quoted else \
+            "one of " + ", ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join("None" if a is type(None) else type_name(a) for a in args)
+        return " or ".join("None" if a is type(None) else type_name(a, quoted) for a in args)
     if origin is not None:
-        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+        return f"{origin.__name__}[{', '.join(type_name(a, quoted) for a in args)}]"
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
