@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 from pathlib import Path
 
 from detkd.config import (
@@ -103,3 +104,11 @@ def random_global_pair(root: Path, teacher_fpn: int, student_fpn: int, k: int, t
     cfg_path = root / "global.yaml"
     cfg_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return cfg, cfg_path, student_cfg
+
+
+def free_port() -> int:
+    """A TCP port free now on the loopback interface (each DDP launch takes its own: a port just released
+    by the previous launch can still be in TIME_WAIT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -19,7 +19,7 @@ from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import DistillStep, NonFiniteLossError, evaluate_checkpoint, fit
 from detkd.models import build_detector
 from detkd.runtime.checkpoint import load_checkpoint, save_checkpoint
-from tests.engine_helpers import tiny_config, tiny_model, with_distill
+from tests.engine_helpers import free_port, tiny_config, tiny_model, with_distill
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,14 +278,16 @@ def test_ddp_two_processes_train_and_evaluate_like_one(data_root, tmp_path):
     cfg.data.batch_size = 2
     cfg_path = write_yaml(cfg, tmp_path / "cfg.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-           "-m", "detkd.cli"]
-    done = subprocess.run([*run, "train", str(cfg_path), "--quiet"], check=True, env=env, timeout=300,
+    def run() -> list[str]:  # a fresh port per launch
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "detkd.cli"]
+
+    done = subprocess.run([*run(), "train", str(cfg_path), "--quiet"], check=True, env=env, timeout=300,
                           capture_output=True, text=True)
     assert done.stdout.count('"mAP"') == 1  # the result is printed by rank 0 only
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["iteration"] == 2  # 8 images / (2 ranks x 2 per rank)
-    done = subprocess.run([*run, "eval", str(cfg_path), "--checkpoint", str(tmp_path / "ddp" / "last.pt"),
+    done = subprocess.run([*run(), "eval", str(cfg_path), "--checkpoint", str(tmp_path / "ddp" / "last.pt"),
                            "--quiet", "--json", str(tmp_path / "two.json")], check=True, env=env, timeout=300,
                           capture_output=True, text=True)
     assert done.stdout.count("mAP") == 1

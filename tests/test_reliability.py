@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import DistillStep, NonFiniteLossError, fit
 from detkd.models import build_detector
 from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tests.engine_helpers import tiny_config, tiny_model, with_distill
+from tests.engine_helpers import free_port, tiny_config, tiny_model, with_distill
 
 REPO = Path(__file__).resolve().parents[1]
 KILLED = -signal.SIGKILL
@@ -60,12 +59,6 @@ def detkd(*args: str, **env: str) -> subprocess.CompletedProcess:
 def write_yaml(cfg, path: Path) -> Path:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bank_of(ckpt: dict) -> dict:
