@@ -75,6 +75,16 @@ def resolve_adapter(kind: str, student_channels: list[int], teacher_channels: li
     return "identity" if list(student_channels) == list(teacher_channels) else "conv1x1"
 
 
+def level_adapters(levels: list[int], kind: str, teacher_channels: list[int], student_channels: list[int],
+                   arch: str, method: str) -> tuple[list[int], nn.ModuleList]:
+    """The levels a feature method uses (:func:`select_levels`) and one adapter per used level
+    (:func:`resolve_adapter` + :func:`build_adapters`); errors name ``{method}.options.levels`` / ``.adapter``."""
+    used = select_levels(levels, len(student_channels), arch, f"{method}.options.levels")
+    sc = [student_channels[i] for i in used]
+    tc = [teacher_channels[i] for i in used]
+    return used, build_adapters(sc, tc, resolve_adapter(kind, sc, tc), where=f"{method}.options.adapter")
+
+
 def select_levels(levels: list[int], num_levels: int, arch: str, where: str) -> list[int]:
     """The pyramid indices a feature distiller uses: ``levels`` when given (distinct, in range), else every
     level except Faster R-CNN's last one: torchvision's ``pool`` is P5 max-pooled for the RPN, with no conv

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from detkd.config import ConfigError
 from detkd.distill.base import Distiller
-from detkd.distill.common import build_adapters, check_levels, resolve_adapter, select_levels
+from detkd.distill.common import check_levels, level_adapters
 from detkd.taps import TapRequest, Taps
 
 
@@ -76,10 +76,8 @@ class CWD(Distiller):
         super().__init__(opts, teacher_channels, student_channels, arch)
         if not opts.tau > 0:
             raise ConfigError(f"cwd.options.tau: must be > 0, got {opts.tau}")
-        self.levels = select_levels(opts.levels, len(student_channels), arch, "cwd.options.levels")
-        sc = [student_channels[i] for i in self.levels]
-        tc = [teacher_channels[i] for i in self.levels]
-        self.adapters = build_adapters(sc, tc, resolve_adapter(opts.adapter, sc, tc), where="cwd.options.adapter")
+        self.levels, self.adapters = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels,
+                                                    arch, "cwd")
 
     def request(self) -> TapRequest:
         return TapRequest(features=True)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from detkd.config import ConfigError
 from detkd.distill.base import Distiller
-from detkd.distill.common import build_adapters, check_levels, resolve_adapter, select_levels
+from detkd.distill.common import check_levels, level_adapters
 from detkd.runtime import dist
 from detkd.taps import TapRequest, Taps
 
@@ -105,10 +105,8 @@ class MGD(Distiller):
         super().__init__(opts, teacher_channels, student_channels, arch)
         if not 0.0 <= opts.mask_ratio < 1.0:
             raise ConfigError(f"mgd.options.mask_ratio: must be in [0, 1), got {opts.mask_ratio}")
-        self.levels = select_levels(opts.levels, len(student_channels), arch, "mgd.options.levels")
-        sc = [student_channels[i] for i in self.levels]
+        self.levels, aligns = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels, arch, "mgd")
         tc = [teacher_channels[i] for i in self.levels]
-        aligns = build_adapters(sc, tc, resolve_adapter(opts.adapter, sc, tc), where="mgd.options.adapter")
         self.level_modules = nn.ModuleList(MGDLevel(a, c) for a, c in zip(aligns, tc))
         # forward calls so far: seeds the masks; a buffer so that checkpoints (and resume) keep it
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))

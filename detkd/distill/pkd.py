@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from detkd.distill.base import Distiller
-from detkd.distill.common import build_adapters, check_levels, resolve_adapter, select_levels
+from detkd.distill.common import check_levels, level_adapters
 from detkd.taps import TapRequest, Taps
 
 
@@ -93,10 +93,8 @@ class PKD(Distiller):
 
     def __init__(self, opts: PKDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        self.levels = select_levels(opts.levels, len(student_channels), arch, "pkd.options.levels")
-        sc = [student_channels[i] for i in self.levels]
-        tc = [teacher_channels[i] for i in self.levels]
-        self.adapters = build_adapters(sc, tc, resolve_adapter(opts.adapter, sc, tc), where="pkd.options.adapter")
+        self.levels, self.adapters = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels,
+                                                    arch, "pkd")
 
     def request(self) -> TapRequest:
         return TapRequest(features=True)
