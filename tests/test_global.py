@@ -174,8 +174,10 @@ def test_local_feature_loss_normalisation_over_levels(feat_norm):
     assert math.isclose(out["loss_local_feat"].item(), 2.0 if feat_norm == "level" else 1.0, rel_tol=1e-6)
 
 
-def test_local_feature_loss_is_weighted_by_sigma():
-    d = make("global", lam=1.0, use_global=False, use_resp=False)
+@pytest.mark.parametrize("sigma", ["paper", "one"])
+def test_local_feature_loss_is_weighted_by_sigma(sigma):
+    """``sigma: one`` (ablation) switches the weighting off: the same case then weighs 1."""
+    d = make("global", lam=1.0, use_global=False, use_resp=False, sigma=sigma)
     d.set_extra_state(bank_state({(0, 1): (PT, PS)}))
     conv = d.adapters[0][0]
     with torch.no_grad():
@@ -185,7 +187,9 @@ def test_local_feature_loss_is_weighted_by_sigma():
     student = constant_taps("retinanet", [[1.0, 1.0]], [BOX], [[1]])
     out = d(teacher, student, student.targets)
     # per covered cell ||(3, 3) - (2, 1)||^2 = 5; 9 cells; weight sigma -> sigma * 45 / 18
-    assert math.isclose(out["loss_local_feat"].item(), SIGMA * 5 / 2, rel_tol=1e-5)
+    weight = SIGMA if sigma == "paper" else 1.0
+    assert math.isclose(out["loss_local_feat"].item(), weight * 5 / 2, rel_tol=1e-5)
+    assert d.stats["sigma_mean"] == pytest.approx(weight)
 
 
 def test_response_one_stage_hand_value():

@@ -21,7 +21,8 @@ Decisions (the paper leaves them open; each documented where it is made):
   to one place of the pyramid (an RoI, an anchor) uses the sigma of its instance on the instance's
   canonical FPN level (:func:`detkd.taps.box_levels`). An instance whose class has no prototype yet gets
   sigma = 1 and contributes 0 to L_global. ``sigma="cosine_max"`` (authors' code): 1 - |max_k cos(f^s,
-  p_k^s) - max_k cos(f^t, p_k^t)| over the class's prototypes, detached, not clamped.
+  p_k^s) - max_k cos(f^t, p_k^t)| over the class's prototypes, detached, not clamped. ``sigma="one"``
+  (ablation): every sigma is 1, so no term is down-weighted for a poorly represented instance.
 - Levels: each level's loss is an independent RDM term; the levels' terms are summed.
 - L_global (Eq. 6): per level sum_inst sigma ||Lambda^s - Lambda^t||^2 / K_c, divided by 2N (N = all
   instances of the batch). ``global_loss="cosine_all"`` (authors' unused global loss): cosine similarity
@@ -133,7 +134,9 @@ class PrototypeOptions:
     seed: int = 0
     dbscan_eps: float = 0.0  # 0 = automatic (see prototypes.dbscan_labels)
     dbscan_min_samples: int = 5
-    sigma: Literal["paper", "cosine_max"] = "paper"
+    # "one": every sigma fixed to 1, the robust weighting of RDM switched off (an ablation; the bench's
+    # global_sigma_one row)
+    sigma: Literal["paper", "cosine_max", "one"] = "paper"
     instances: Literal["gt", "positive_proposals"] = "gt"
 
 
@@ -350,6 +353,8 @@ class PrototypeDistiller(Distiller):
     def sigmas(self, rels: list[LevelRelations], n: int, device: torch.device) -> Tensor:
         """(L, N) sigma of every instance on every level (1 where its class has no prototype)."""
         sig = torch.ones((len(rels), n), device=device)
+        if self.opts.sigma == "one":
+            return sig
         for lv, rel in enumerate(rels):
             if self.opts.sigma == "paper":
                 sig[lv, rel.idx] = paper_sigma(rel.lt, rel.ls)  # the zero padding leaves the norm unchanged
@@ -382,7 +387,7 @@ class PrototypeDistiller(Distiller):
         opts = self.opts
         device = student.features[0].device
         sig = torch.ones(inst.num, device=device)
-        if not inst.num:
+        if not inst.num or opts.sigma == "one":
             return sig
         levels = list(inst.level.split([int(b.shape[0]) for b in inst.boxes]))
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
