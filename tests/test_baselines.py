@@ -239,6 +239,11 @@ def test_kd_value_one_stage_positive_anchors():
     torch.testing.assert_close(out["kd_cls"], torch.tensor(kl / 2))  # two positives (matched >= 0)
     d = build("kd", "retinanet", {"temperature": 1.0, "samples": "all"})
     assert d(t, s, s.targets)["kd_cls"] > 1.0  # the far-off background anchors now count
+    # exactly: all 2 x 80 anchors count (the ignored -2 one too), each summing classes 1..3 against p_s = 0.5
+    p = 1 / (1 + math.exp(-5.0))
+    far = 3 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))  # the teacher's logit 5 everywhere
+    expected = (158 * far + 0.0 + kl) / 160  # + anchor (0, 3), which agrees, and anchor (0, 70) from above
+    torch.testing.assert_close(d(t, s, s.targets)["kd_cls"], torch.tensor(expected))
 
 
 def test_rkd_losses_hand_values():
@@ -336,6 +341,24 @@ def test_different_widths_go_through_adapters(name):
     sum(out.values()).backward()
     assert all(torch.isfinite(v) for v in out.values())
     assert all(f.grad is not None for f in student.features)
+    feature_keys = [k for k in out if "roi" not in k]  # defeat's RoI KD compares logits, not features
+    assert all(out[k] > 0 for k in feature_keys), out
+    # what is compared is the adapted student: adapters that copy the 4 student channels into the first 4 of
+    # the teacher's 6, against a teacher that is the student padded with two zero channels, give 0 (RKD
+    # compares relations, which the zero channels do not change)
+    with torch.no_grad():
+        for seq in getattr(d, "adapters", []):
+            conv = seq[0]
+            conv.weight.zero_()
+            conv.weight[:4, :, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = torch.eye(4)
+            conv.bias.zero_()
+    padded = make_taps("faster_rcnn", channels=6, grad=True,
+                       features=[torch.cat([f.detach(), torch.zeros_like(f[:, :2])], dim=1) for f in student.features])
+    out = d(padded, student, student.targets)
+    for k in feature_keys:
+        torch.testing.assert_close(out[k], torch.tensor(0.0), atol=1e-5, rtol=0, msg=k)
+    sum(out.values()).backward()
+    assert all(f.grad is None for f in padded.features)  # never into the teacher
 
 
 def test_identity_adapter_needs_equal_widths():

@@ -169,6 +169,22 @@ def test_gradients_reach_student_features_not_teacher_nor_student_head_tail(arch
     assert all(p.grad is not None for p in adapters)
 
 
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+def test_cross_head_fed_the_teachers_own_features_reproduces_the_teacher(arch):
+    """The cross head is the teacher's tail: fed the teacher's own head features at ``cross_at`` it predicts
+    exactly what the teacher predicts, so both terms vanish; fed the student's, they do not. FCOS with the L1
+    box distance: its IoU loss is not 0 on identical boxes of zero area (ltrb all 0 after the head's ReLU,
+    most locations of a random FCOS), where IoU = 0 / eps is clamped to eps."""
+    options = {"box_loss": "l1"} if arch == "fcos" else {}
+    student, teacher, method, det, t_taps, s_taps, tt = pair_taps(arch, 32, options)  # equal widths: no adapter
+    out = method(t_taps, s_taps, tt)
+    assert out["crosskd_cls"] > 0 and out["crosskd_box"] > 0
+    s_taps.head_cls_features, s_taps.head_reg_features = t_taps.head_cls_features, t_taps.head_reg_features
+    out = method(t_taps, s_taps, tt)
+    torch.testing.assert_close(out["crosskd_cls"], torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["crosskd_box"], torch.tensor(0.0), atol=1e-4, rtol=0)
+
+
 def test_defaults_follow_the_authors_per_head_type():
     r = build_distiller("crosskd", {}, [32] * 5, [32] * 5, "retinanet")
     f = build_distiller("crosskd", {}, [32] * 5, [32] * 5, "fcos")

@@ -70,6 +70,9 @@ def test_box_scale_padded_uses_batch_shape():
         s[0, :, 0, cols - 1] = 1.0  # differs exactly on the last covered column
         out = fgd(taps, make_taps([s], [box], [(8, 4)], batch_shape=(8, 8)), taps.targets)
         assert out["fgd_fg"] > 0
+        # exactly: the box covers 2 rows x cols columns, so the cell weighs 1 / (2 cols) (scale mask); a zero
+        # teacher has uniform attention (both masks 1); 2 channels err by 1 -> 2 / (2 cols)
+        torch.testing.assert_close(out["fgd_fg"], torch.tensor(1.0 / cols))
         s2 = t.clone()
         s2[0, :, 0, cols] = 1.0  # first column outside the box
         out2 = fgd(taps, make_taps([s2], [box], [(8, 4)], batch_shape=(8, 8)), taps.targets)
@@ -219,6 +222,7 @@ def test_faster_rcnn_distils_p2_to_p5_not_pool():
               make_taps(s, box, [(64, 64)], "faster_rcnn", names), [{"boxes": box[0]}])
     sum(out.values()).backward()
     assert s[4].grad is None and s[3].grad is not None
+    assert all(s[i].grad.abs().sum() > 0 for i in range(4))  # each of P2-P5 is distilled
 
 
 def test_fcos_defaults_and_option_override():

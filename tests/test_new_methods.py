@@ -138,6 +138,12 @@ def test_pkd_is_scale_free():
     # a constant channel standardises to 0 (no NaN)
     flat = make_taps(features=[torch.ones(2, 4, h, w) for h, w in SHAPES])
     assert torch.isfinite(d(t, flat, [])["pkd_feat"])
+    # ... so each level costs 1/2 mean(t_hat^2) = 1/2 (t_hat has unit population variance): weight 6 x 2 levels
+    flat = make_taps(features=[torch.ones(2, 4, h, w) for h, w in SHAPES], grad=True)
+    loss = d(t, flat, [])["pkd_feat"]
+    torch.testing.assert_close(loss, torch.tensor(6.0), atol=1e-4, rtol=0)
+    loss.backward()  # a finite gradient, not NaN (large: it scales as 1 / eps; see the module docstring)
+    assert all(torch.isfinite(f.grad).all() for f in flat.features)
 
 
 # ----------------------------------------------------------------------------------------------------------

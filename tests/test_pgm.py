@@ -374,11 +374,20 @@ def test_project_gradients_reach_student_features():
     lt, ls = project(ft, fs, pt, ps, 10.0, normalize=True)
     ((ls - lt) ** 2).sum().backward()
     assert fs.grad is not None and torch.isfinite(fs.grad).all() and fs.grad.abs().sum() > 0
+    # and it is the derivative of the projection: autograd against central differences, in float64
+    ft64, pt64, ps64 = ft.double(), pt.double(), ps.double()
+
+    def discrepancy(x: torch.Tensor) -> torch.Tensor:
+        lt, ls = project(ft64, x, pt64, ps64, 10.0, normalize=True)
+        return ((ls - lt) ** 2).sum()
+
+    assert torch.autograd.gradcheck(discrepancy, (fs.detach().double().requires_grad_(True),))
     # Zero rows and zero prototypes keep gradients finite too.
     fs2 = torch.zeros(3, 4, requires_grad=True)
     lt, ls = project(torch.zeros(3, 5), fs2, torch.zeros(2, 5), torch.zeros(2, 4), 0.0, normalize=True)
     ls.sum().backward()
     assert torch.isfinite(fs2.grad).all() and torch.isfinite(ls).all()
+    assert torch.equal(ls, torch.zeros(3, 2)) and torch.equal(lt, torch.zeros(3, 2))  # nothing to project
 
 
 def test_project_bad_shapes():

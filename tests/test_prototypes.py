@@ -69,6 +69,13 @@ def test_ambiguous_picks_the_smallest_boxes_and_needs_areas():
         generate(torch.randn(6, 2), torch.randn(6, 2), 3, "ambiguous")
 
 
+def test_ambiguous_is_deterministic_on_tied_areas_and_ignores_the_features():
+    # tied areas: the earlier instance wins (a stable order), the same pick every call, whatever the features
+    areas = torch.tensor([4.0, 1.0, 4.0, 1.0, 9.0, 1.0, 4.0])
+    picks = [generate(torch.randn(7, 3), torch.randn(7, 2), 4, "ambiguous", areas=areas, seed=s) for s in range(3)]
+    assert all(p.tolist() == [1, 3, 5, 0] for p in picks)
+
+
 def test_generator_edge_cases():
     assert generate(torch.randn(3, 2), torch.randn(3, 2), 5, "kmeans_teacher").tolist() == [0, 1, 2]
     assert generate(torch.zeros(0, 2), torch.zeros(0, 2), 5, "pgm").numel() == 0

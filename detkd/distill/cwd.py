@@ -1,8 +1,9 @@
 """CWD: channel-wise distillation of the FPN maps (Shu et al., "Channel-wise Knowledge Distillation for
 Dense Prediction", ICCV 2021, https://arxiv.org/abs/2011.13256).
 
-The paper's method section: each channel c of a map y (C, H, W) becomes a distribution over its H W positions
-by a softmax with temperature tau,
+The paper's method section (equation numbers not cited: they could not be checked against the paper's
+text, so the formulas are written out): each channel c of a map y (C, H, W) becomes a distribution over its
+H W positions by a softmax with temperature tau,
 
     phi(y_c)_i = exp(y_{c,i} / tau) / sum_j exp(y_{c,j} / tau)
 
@@ -54,8 +55,9 @@ class CWDOptions:
 
 
 def channel_kl(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
-    """tau^2 / (N C) * sum over images n and channels c of KL(phi(T_nc) || phi(S_nc)), phi = softmax over the
-    H W positions of ``map / tau``. (N, C, H, W) maps; the teacher is detached. float32 scalar."""
+    """L_cwd of the module docstring (the paper's channel-wise loss): tau^2 / (N C) * sum over images n and
+    channels c of KL(phi(T_nc) || phi(S_nc)), phi = softmax over the H W positions of ``map / tau``.
+    (N, C, H, W) maps; the teacher is detached. float32 scalar."""
     n, c = student.shape[:2]
     log_ps = F.log_softmax(student.float().flatten(2) / tau, dim=2)
     log_pt = F.log_softmax(teacher.detach().float().flatten(2) / tau, dim=2)

@@ -1,7 +1,10 @@
 """DeFeat: distillation via decoupled features (Guo et al., "Distilling Object Detectors via Decoupled
 Features", CVPR 2021, https://arxiv.org/abs/2103.14475).
 
-Two decoupled parts, each with its own weights:
+Two decoupled parts, each with its own weights, from the paper's method section (decoupled feature
+distillation on the neck, decoupled distillation of the RoI classification). Equation numbers are not
+cited (they could not be checked against the paper's text): the terms are written out below and follow
+the normalisation of the authors' released code:
 
 1. Neck (FPN) features, split by a binary mask M of the ground-truth boxes rasterised on every level
    (:func:`detkd.distill.common.box_masks`; padding of the batch counts as background):
@@ -61,8 +64,8 @@ class DeFeatOptions:
 
 def decoupled_feature_loss(adapters: nn.ModuleList, teacher: Taps, student: Taps, masks: list[Tensor],
                            weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Part 1 of the module doc before its weights: the foreground and background terms, each averaged over
-    the levels.
+    """Part 1 of the module doc before its weights (the paper's decoupled neck-feature loss, equation number
+    not confirmed): the foreground and background terms, each averaged over the levels.
 
     ``masks``: per level the (N, 1, H, W) 0/1 box coverage (:func:`detkd.distill.common.box_masks`); it sets
     both counts and the background. ``weights``: per level (N, 1, H, W) per-cell foreground weights, e.g. a
@@ -83,7 +86,8 @@ def decoupled_feature_loss(adapters: nn.ModuleList, teacher: Taps, student: Taps
 
 def decoupled_roi_kd(teacher: Taps, student: Taps, temperature: float, method: str,
                      weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Mean softened KL over the student's positive and over its negative sampled RoIs (see module doc).
+    """Mean softened KL over the student's positive and over its negative sampled RoIs: part 2 of the module
+    doc (the paper's decoupled RoI distillation, equation number not confirmed).
 
     ``weights``: (R,) per-RoI constants multiplying the KL of the positive RoIs (``defeat_proto``: the sigma
     of each RoI's instance); the means still divide by the number of RoIs. None = 1 (DeFeat).
@@ -106,7 +110,8 @@ def decoupled_roi_kd(teacher: Taps, student: Taps, temperature: float, method: s
 
 
 class DeFeat(Distiller):
-    """Decoupled foreground / background feature imitation, plus decoupled RoI KD on Faster R-CNN."""
+    """Decoupled foreground / background feature imitation, plus decoupled RoI KD on Faster R-CNN (parts 1
+    and 2 of the module docstring)."""
 
     name = "defeat"
 

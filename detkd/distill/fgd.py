@@ -1,17 +1,22 @@
 """FGD: Focal and Global Knowledge Distillation for Detectors (Yang et al., CVPR 2022,
 https://arxiv.org/abs/2111.11837).
 
-Feature distillation on every FPN level, in four terms:
+Feature distillation on every FPN level, in four terms (equation numbers are the paper's; its Sec. 4.2
+names Eq. 9, 10 and 12 as the terms weighted by alpha / beta, gamma and lambda):
 
-- focal feature loss: the squared difference of aligned student and teacher maps, weighted by the
-  TEACHER's spatial and channel attention and split by a foreground mask (ground-truth boxes,
-  each cell weighted by 1 / box area in cells) and a background mask (the rest, normalised to
-  sum 1 per image): ``fgd_fg`` (alpha) and ``fgd_bg`` (beta);
-- attention loss: L1 between student and teacher spatial and channel attentions: ``fgd_attn``;
-- global loss: squared difference of GCNet context blocks applied to student and teacher
-  maps (one block each, both trained): ``fgd_global`` (lambda).
+- focal feature loss (Eq. 9, Sec. 3.1): the squared difference of aligned student and teacher maps,
+  weighted by the TEACHER's spatial and channel attention and split by a foreground mask (ground-truth
+  boxes, each cell weighted by 1 / box area in cells) and a background mask (the rest, normalised to
+  sum 1 per image): ``fgd_fg`` (alpha) and ``fgd_bg`` (beta). The binary, scale and attention masks are
+  the equations of Sec. 3.1 that precede Eq. 9 (:func:`foreground_mask`, :func:`background_mask`,
+  :func:`attention`);
+- attention loss (Eq. 10, Sec. 3.1): L1 between student and teacher spatial and channel attentions:
+  ``fgd_attn`` (gamma);
+- global loss (Eq. 12, Sec. 3.2): squared difference of GCNet context blocks applied to student and
+  teacher maps (one block each, both trained): ``fgd_global`` (lambda).
 
-Every term is summed over positions and channels and divided by the batch size, then summed over levels.
+Every term is summed over positions and channels and divided by the batch size, then summed over levels;
+the detector adds them to its own loss (Sec. 3.3, overall loss).
 Where detkd departs from the authors' code, the choice is written in ``docs/methods.md``.
 """
 
@@ -56,8 +61,8 @@ class FGDOptions:
 
 def foreground_mask(boxes: list[Tensor], frame_sizes: list[tuple[int, int]], height: int,
                     width: int) -> Tensor:
-    """foreground part: per image, each ground-truth box sets its cells to 1 / (its cell rows *
-    its cell columns).
+    """foreground part of Sec. 3.1's masks (the binary mask M times the scale mask S, before Eq. 9): per
+    image, each ground-truth box sets its cells to 1 / (its cell rows * its cell columns).
 
     A box (x1, y1, x2, y2) in an image frame of size ``frame_sizes[i] = (img_h, img_w)`` is mapped to the
     ``height x width`` grid as x * width / img_w, y * height / img_h; rows floor(y1')..ceil(y2') and columns
@@ -86,16 +91,16 @@ def foreground_mask(boxes: list[Tensor], frame_sizes: list[tuple[int, int]], hei
 
 
 def background_mask(fg: Tensor) -> Tensor:
-    """background part: cells outside every box (fg == 0) set to 1, normalised to sum 1 per image
-    (all-foreground images stay all zero)."""
+    """background part of Sec. 3.1's scale mask ((1 - M) / N_bg, before Eq. 9): cells outside every box
+    (fg == 0) set to 1, normalised to sum 1 per image (all-foreground images stay all zero)."""
     bg = (fg == 0).to(fg.dtype)
     total = bg.flatten(1).sum(1).clamp(min=1.0)
     return bg / total[:, None, None]
 
 
 def attention(feature: Tensor, temp: float) -> tuple[Tensor, Tensor]:
-    """spatial attention H*W*softmax_hw(mean_c|F| / T) (N, H, W) and channel attention
-    C*softmax_c(mean_hw|F| / T) (N, C)."""
+    """Sec. 3.1's attention masks (before Eq. 9): spatial attention H*W*softmax_hw(mean_c|F| / T) (N, H, W)
+    and channel attention C*softmax_c(mean_hw|F| / T) (N, C)."""
     n, c, h, w = feature.shape
     value = feature.abs()
     spatial = h * w * F.softmax(value.mean(1).reshape(n, h * w) / temp, dim=1)
@@ -104,7 +109,7 @@ def attention(feature: Tensor, temp: float) -> tuple[Tensor, Tensor]:
 
 
 class GlobalContextBlock(nn.Module):
-    """GCNet context block as FGD uses it: F + W2 ReLU(LN(W1 ctx)),
+    """GCNet context block as FGD uses it in Eq. 12 (Sec. 3.2): F + W2 ReLU(LN(W1 ctx)),
     ctx = sum_j softmax_j(Wk F_j) F_j.
 
     The context conv Wk is Kaiming-initialised (fan_in) and the last conv W2 is zero-initialised, so a
@@ -148,8 +153,9 @@ class FGDLevel(nn.Module):
 
 def fgd_level_losses(s: Tensor, t: Tensor, fg: Tensor, bg: Tensor, temp: float, gc_student: nn.Module,
                      gc_teacher: nn.Module) -> dict[str, Tensor]:
-    """Unweighted FGD terms of one level: aligned student ``s`` and teacher ``t`` (N, C, H, W), masks
-    (N, H, W). Each term is a sum over the map divided by the batch size N."""
+    """Unweighted FGD terms of one level: ``fg`` and ``bg`` the two halves of Eq. 9, ``attn`` Eq. 10, ``global``
+    Eq. 12. Aligned student ``s`` and teacher ``t`` (N, C, H, W), masks (N, H, W). Each term is a sum over
+    the map divided by the batch size N."""
     n = s.shape[0]
     spatial_t, channel_t = attention(t, temp)
     spatial_s, channel_s = attention(s, temp)
@@ -167,7 +173,8 @@ def fgd_level_losses(s: Tensor, t: Tensor, fg: Tensor, bg: Tensor, temp: float, 
 
 
 class FGD(Distiller):
-    """Focal and Global Distillation on the FPN outputs (all levels; Faster R-CNN: P2-P5, not 'pool')."""
+    """Focal and Global Distillation on the FPN outputs (all levels; Faster R-CNN: P2-P5, not 'pool'): Eq. 9,
+    10 and 12 of the paper, weighted by alpha / beta, gamma and lambda (module docstring)."""
 
     name = "fgd"
 

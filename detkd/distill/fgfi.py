@@ -15,6 +15,9 @@ paper's equation and the authors' code (``norms = mask.sum() * 2``). The paper a
 loss with a weight lambda; the authors' code defaults to 0.01, our ``weight``. Their adaptation layer is a
 3x3 convolution (followed by a ReLU on VGG features; off here by default because FPN outputs are signed).
 
+Equation numbers are not cited (they could not be checked against the paper's text): the mask and the
+loss are cited by their sections (3.1 and 3.2) and written out above instead.
+
 Anchors: RetinaNet / FCOS taps carry the head's anchors; for Faster R-CNN the RPN anchor layout is used
 (``taps.anchors`` when the taps record them, else generated per level from ``anchor_sizes`` and
 ``aspect_ratios``, by default torchvision's 8 x stride and 0.5, 1, 2).
@@ -50,7 +53,8 @@ class FGFIOptions:
 
 
 class FGFI(Distiller):
-    """``fgfi_feat = weight * L_imitation`` (see the module docstring)."""
+    """``fgfi_feat = weight * L_imitation``: the imitation loss of the paper's Sec. 3.2 on the imitation mask
+    of Sec. 3.1, with N_p counted over all levels (module docstring; equation number not confirmed)."""
 
     name = "fgfi"
 

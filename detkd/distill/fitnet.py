@@ -1,9 +1,9 @@
 """FitNet hints on every pyramid level (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, https://arxiv.org/abs/1412.6550).
 
-The paper's hint loss (Eq. 3) is 1/2 ||u_h(x) - r(v_g(x))||^2 between the teacher's hint layer u_h and a
-regressor r on the student's guided layer v_g. Here the hint and guided layers are the FPN outputs of
-each level, the regressor is a per-level convolution, and the squared error is averaged over elements
-(mean squared error) so that the loss does not grow with the map size; the levels are averaged.
+The paper's hint loss L_HT (Eq. 3, Sec. 2.2) is 1/2 ||u_h(x) - r(v_g(x))||^2 between the teacher's hint
+layer u_h and a regressor r on the student's guided layer v_g. Here the hint and guided layers are the FPN
+outputs of each level, the regressor is a per-level convolution, and the squared error is averaged over
+elements (mean squared error) so that the loss does not grow with the map size; the levels are averaged.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class FitNetOptions:
 
 
 class FitNet(Distiller):
-    """``fitnet_feat = weight * mean_l MSE(adapter_l(S_l), T_l)`` over the pyramid levels l."""
+    """``fitnet_feat = weight * mean_l MSE(adapter_l(S_l), T_l)`` over the pyramid levels l: Eq. 3 of the paper
+    (L_HT) on each level, the adapter as the regressor r, the 1/2 sum replaced by a mean over elements."""
 
     name = "fitnet"
 

@@ -21,6 +21,10 @@ Total: L_GT + l1 L_feat + l2 L_relation + l3 L_resp. Predictions come from the h
 RetinaNet / FCOS every anchor (point) of the dense head, decoded with the detector's own box coder; for
 Faster R-CNN the RoI head on the student's sampled RoIs (the teacher's box head runs on the same RoIs).
 Choices beyond the paper are written in ``docs/methods.md``.
+
+Equation numbers are not cited (they could not be checked against the paper's text): each piece is cited
+by the part of the paper's method section it comes from (GISM; feature-based, relation-based and response-based
+distillation; the overall loss) and written out above.
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ class GIDOptions:
 
 
 def gi_scores(probs_t: Tensor, probs_s: Tensor) -> tuple[Tensor, Tensor]:
-    """On (..., C) foreground class probabilities: the GI score max_c |P_t - P_s| and whether the
-    teacher is the more confident model (max_c P_t > max_c P_s; a tie takes the student's box)."""
+    """GISM's GI score and GI-box choice (the paper's general instance selection): on (..., C) foreground
+    class probabilities, the GI score max_c |P_t - P_s| and whether the teacher is the more confident model
+    (max_c P_t > max_c P_s; a tie takes the student's box)."""
     score = (probs_t - probs_s).abs().amax(dim=-1)
     teacher_wins = probs_t.amax(dim=-1) > probs_s.amax(dim=-1)
     return score, teacher_wins
@@ -202,8 +207,9 @@ def _image_weights(counts: list[int], device: torch.device) -> Tensor:
 
 
 def feature_loss(t_pooled: Tensor, s_adapted: Tensor, counts: list[int], batch_size: int) -> Tensor:
-    """Per image, 1/K_i sum_i ||t_i - adapt(s_i)||_2 over its K_i instances (0 when K_i = 0),
-    averaged over the ``batch_size`` images. Inputs (sum K_i, C, s, s) in image order."""
+    """The paper's feature-based distillation loss: per image, 1/K_i sum_i ||t_i - adapt(s_i)||_2 over its
+    K_i instances (0 when K_i = 0), averaged over the ``batch_size`` images. Inputs (sum K_i, C, s, s) in
+    image order."""
     dist = (t_pooled.detach().float() - s_adapted.float()).flatten(1).norm(dim=1)
     return (dist * _image_weights(counts, dist.device)).sum() / batch_size
 
@@ -218,10 +224,11 @@ def distance_relation(x: Tensor) -> Tensor:
 
 
 def relation_loss(t_emb: Tensor, s_emb: Tensor, counts: list[int], batch_size: int) -> Tensor:
-    """Relation loss per image: smooth L1 (beta 1) between student and teacher normalised distances,
-    averaged over the image's pairs; images with fewer than 3 instances give 0 (two points always have
-    normalised distance 1). Averaged over the ``batch_size`` images. Embeddings (sum K_i, D); teacher and
-    student dimensions may differ."""
+    """The paper's relation-based distillation loss (RKD's distance loss within each image's GIs): per
+    image, smooth L1 (beta 1) between student and teacher normalised distances, averaged over the image's
+    pairs; images with fewer than 3 instances give 0 (two points always have normalised distance 1).
+    Averaged over the ``batch_size`` images. Embeddings (sum K_i, D); teacher and student dimensions may
+    differ."""
     total = s_emb.new_zeros((), dtype=torch.float32)
     start = 0
     for k in counts:
@@ -237,9 +244,10 @@ def relation_loss(t_emb: Tensor, s_emb: Tensor, counts: list[int], batch_size: i
 
 def dense_response_loss(t_cls: Tensor, s_cls: Tensor, t_reg: Tensor, s_reg: Tensor, mask: Tensor,
                         temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Response loss for one-stage heads on the anchors in ``mask`` (N, A): binary KL summed over the
-    foreground classes (column 0 is never positive and is left out), L1 summed over the 4 regression
-    outputs (the loss torchvision's RetinaNet trains them with), each averaged over the selected anchors."""
+    """The paper's response-based loss for one-stage heads, on the anchors in ``mask`` (N, A) (those the
+    detector's assigner gives to a GI box): binary KL summed over the foreground classes (column 0 is never
+    positive and is left out), L1 summed over the 4 regression outputs (the loss torchvision's RetinaNet
+    trains them with), each averaged over the selected anchors."""
     num = mask.sum().clamp(min=1).float()
     cls = sigmoid_kl(s_cls[mask][:, 1:], t_cls[mask][:, 1:], temperature).sum() / num
     reg = (s_reg[mask].float() - t_reg[mask].detach().float()).abs().sum() / num
@@ -248,9 +256,9 @@ def dense_response_loss(t_cls: Tensor, s_cls: Tensor, t_reg: Tensor, s_reg: Tens
 
 def roi_response_loss(t_logits: Tensor, s_logits: Tensor, t_deltas: Tensor, s_deltas: Tensor, mask: Tensor,
                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Response loss for the Faster R-CNN RoI head on the RoIs in ``mask`` (R,): KL(softmax_t ||
-    softmax_s) over background + classes at ``temperature`` times T^2, and smooth L1 (beta 1/9, as
-    torchvision's box loss) summed over the 4 deltas of the teacher's most probable foreground class;
+    """The paper's response-based loss for the Faster R-CNN RoI head, on the RoIs in ``mask`` (R,):
+    KL(softmax_t || softmax_s) over background + classes at ``temperature`` times T^2, and smooth L1 (beta
+    1/9, as torchvision's box loss) summed over the 4 deltas of the teacher's most probable foreground class;
     averaged over the RoIs."""
     num = mask.sum().clamp(min=1).float()
     log_ps = F.log_softmax(s_logits[mask].float() / temperature, dim=1)
@@ -270,7 +278,8 @@ def roi_response_loss(t_logits: Tensor, s_logits: Tensor, t_deltas: Tensor, s_de
 
 
 class GID(Distiller):
-    """General Instance Distillation: feature, relation and response losses on general instances."""
+    """General Instance Distillation: feature, relation and response losses on general instances, weighted by
+    l1, l2, l3 of the paper's overall loss (module docstring)."""
 
     name = "gid"
 

@@ -450,7 +450,8 @@ class PrototypeDistiller(Distiller):
 
 
 class GlobalKD(PrototypeDistiller):
-    """RDM of the global-knowledge method (module docstring): L_global, L_local_feat, L_local_resp."""
+    """RDM of the global-knowledge method (Sec. 3.2-3.3; module docstring): L_global (Eq. 6), L_local_feat
+    (Eq. 7) and L_local_resp, weighted per instance by sigma (Eq. 8) and combined as in Eq. 9."""
 
     name = "global"
 
@@ -551,7 +552,8 @@ class GlobalKD(PrototypeDistiller):
         return total
 
     def response(self, teacher: Taps, student: Taps, inst: Instances, sigma_inst: Tensor) -> Tensor:
-        """L_local_resp: sigma-weighted KL(teacher || student) (module docstring), i.e. vanilla KD's terms
+        """L_local_resp (Sec. 3.2, named in the text but given no equation): sigma-weighted (Eq. 8)
+        KL(teacher || student) (module docstring), i.e. vanilla KD's terms
         (:func:`detkd.distill.kd.roi_kd` / :func:`~detkd.distill.kd.dense_kd`) with sigma weights."""
         opts = self.opts
         reduction = "mean" if opts.kl_class_mean else "sum"

@@ -1,8 +1,13 @@
 """Vanilla knowledge distillation on classification outputs (Hinton et al., "Distilling the Knowledge in a
 Neural Network", 2015, https://arxiv.org/abs/1503.02531).
 
-Hinton et al. (Sec. 2) match the temperature-softened class distributions of teacher and student and
-multiply by T^2 so the gradient scale does not depend on T. For detectors:
+Hinton et al. (Sec. 2) soften both models' class distributions with a temperature, q_i = exp(z_i / T) /
+sum_j exp(z_j / T) (Eq. 1), train the student on the cross-entropy with the teacher's soft targets, and
+multiply that term by T^2 because its gradient, (1 / T)(q_i - p_i) per logit (Eq. 2), shrinks as 1 / T^2 at
+high temperature (Eq. 3 and the zero-mean case after it, Sec. 2.1). The soft-target objective itself has no
+equation number in the paper; detkd computes it as KL(teacher || student), which differs from that
+cross-entropy by the teacher's entropy (a constant: same gradients, and 0 when the student agrees).
+For detectors:
 
 - Faster R-CNN: the box head's softmax over num_classes + 1 (background included) on the student's
   sampled RoIs, with the teacher's box head run on the same RoIs (``request().roi_outputs``):
@@ -49,7 +54,8 @@ def _mean_over(values: Tensor, keep: Tensor, anchor: Tensor) -> Tensor:
 def roi_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "auto", class_reduction: str = "sum",
            weights: Tensor | None = None, method: str = "kd") -> Tensor:
     """Faster R-CNN ``kd_cls`` before its weight: the mean over the kept sampled RoIs (``samples``: all, or
-    ``positive``) of the softmax KL times T^2 (module doc).
+    ``positive``) of the softmax KL times T^2, the softmax at temperature T being Eq. 1 of the paper (module
+    doc).
 
     ``weights``: (R,) per-RoI constants multiplying each RoI's KL (``kd_proto``: the sigma of a positive RoI's
     instance, 1 for negatives); the mean still divides by the number of kept RoIs. None = 1 (vanilla KD).
@@ -72,7 +78,8 @@ def roi_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "aut
 def dense_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "auto", class_reduction: str = "sum",
              weights: Tensor | None = None, method: str = "kd", kl: str = "sigmoid") -> Tensor:
     """RetinaNet / FCOS ``kd_cls`` before its weight: the mean over the kept anchors / points (``samples``:
-    the positives ``matched_idxs >= 0``, or ``all``) of the per-class sigmoid KL times T^2 (module doc).
+    the positives ``matched_idxs >= 0``, or ``all``) of the per-class sigmoid KL times T^2 (module doc): Eq. 1
+    of the paper with two outcomes per class, sigmoid(z / T), in place of the softmax over classes.
 
     ``weights``: (N, A) per-anchor constants multiplying each anchor's KL (``kd_proto``: the sigma of a
     positive's matched instance, 1 elsewhere); the mean still divides by the number of kept anchors.
@@ -105,7 +112,8 @@ def dense_kd(teacher: Taps, student: Taps, temperature: float, samples: str = "a
 
 
 class KD(Distiller):
-    """Temperature-softened KL between teacher and student classification outputs."""
+    """Temperature-softened KL between teacher and student classification outputs (Eq. 1 softening, T^2
+    scaling of Sec. 2; module docstring)."""
 
     name = "kd"
 

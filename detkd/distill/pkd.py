@@ -2,9 +2,10 @@
 Framework for Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022,
 https://arxiv.org/abs/2207.02039).
 
-The paper's method section: the teacher's and the student's FPN maps differ in magnitude (across detector
-types even more), and the levels and channels of large magnitude dominate a plain MSE. PKD therefore
-imitates the Pearson correlation coefficient r of each channel instead of its values: both maps are
+The paper's method section (equation numbers not cited: they could not be checked against the paper's
+text, so the formulas are written out): the teacher's and the student's FPN maps differ in magnitude
+(across detector types even more), and the levels and channels of large magnitude dominate a plain MSE.
+PKD therefore imitates the Pearson correlation coefficient r of each channel instead of its values: both maps are
 standardised to zero mean and unit variance, then compared by half the mean squared error,
 
     s_hat = (s - mean(s)) / std(s),   t_hat = (t - mean(t)) / std(t)
@@ -20,7 +21,9 @@ works across detector families.
 deviation per channel over the batch and the positions together, the standard deviation with Bessel's
 correction, ``(x - mean) / (std + 1e-6)``. Both modes divide by ``sqrt(var + eps^2)`` instead (the
 same for any real variance, and a finite gradient at variance 0), so a constant channel or a 1x1 level
-standardises to 0 with a zero gradient instead of NaN.
+standardises to 0 instead of NaN. A 1x1 level then gets a zero gradient; a constant channel over several
+positions gets a finite but large one (it scales as 1 / eps, as with the authors' ``std + 1e-6``): the
+standardisation of a flat channel is ill-conditioned.
 
 Widths: when teacher and student differ (e.g. 256 vs 64 channels) the student goes through a 1x1
 convolution first (``adapter: auto``); equal widths are compared directly, as the authors do.
@@ -77,7 +80,8 @@ def standardize(x: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor
 
 
 def pkd_loss(student: Tensor, teacher: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:
-    """Half the mean squared error of the standardised maps (module docstring); the teacher is detached."""
+    """L_FPN of the module docstring: half the mean squared error of the standardised maps (1 - Pearson r per
+    channel with ``stats: instance``); the teacher is detached."""
     s = standardize(student, stats, eps)
     t = standardize(teacher.detach(), stats, eps)
     return 0.5 * ((s - t) ** 2).mean()

@@ -6,6 +6,10 @@ They call the terms of :mod:`detkd.distill.defeat` / :mod:`detkd.distill.kd` (sa
 defaults) with the prototype-based weights (sigma, Eq. 8); RKD's relation is replaced. The prototype bank
 and its refresh are :class:`detkd.distill.global_kd.PrototypeDistiller`'s.
 
+The paper describes these variants in words only (Sec. 4.2: sigma of Eq. 8 as the distilling weight for
+DeFeat and vanilla KD, projection on the prototypes (Eq. 5 coordinates) as RKD's relation; details in its
+supplement), so no equation of their own is cited; the baseline terms keep their own papers' equations.
+
 Registered names: ``defeat_proto``, ``kd_proto``, ``rkd_proto``.
 """
 
@@ -35,8 +39,8 @@ class DeFeatProtoOptions(DeFeatOptions, PrototypeOptions):
 
 
 class DeFeatProto(PrototypeDistiller):
-    """DeFeat + prototypes (Table 4): the foreground mask of the decoupled feature loss holds, on each
-    level, the sigma (Eq. 8) of the instance covering the cell (largest if several), and each positive
+    """DeFeat + prototypes (Table 4, Sec. 4.2): the foreground mask of the decoupled feature loss holds, on
+    each level, the sigma (Eq. 8) of the instance covering the cell (largest if several), and each positive
     RoI's KL is weighted by the sigma of its instance on its canonical level. Background terms are DeFeat's.
 
         defeat_proto_fg = fg_weight * mean_l sum w_l (A(S_l) - T_l)^2 / (2 * count(box cells_l) * C)
@@ -84,10 +88,11 @@ class KDProtoOptions(KDOptions, PrototypeOptions):
 
 
 class KDProto(PrototypeDistiller):
-    """Vanilla KD + prototypes (Table 4): the softened KL of every positive RoI / anchor is weighted by the
-    sigma (Eq. 8) of its instance on the instance's canonical level; negatives keep weight 1. Samples,
-    temperature and normalisation as :mod:`detkd.distill.kd` (``auto``: all sampled RoIs for Faster R-CNN,
-    positive anchors for one-stage detectors), i.e. ``kd_proto_cls = weight * sum w KL / count``."""
+    """Vanilla KD + prototypes (Table 4, Sec. 4.2): the softened KL of every positive RoI / anchor is
+    weighted by the sigma (Eq. 8) of its instance on the instance's canonical level; negatives keep weight 1.
+    Samples, temperature (the softening of Eq. 1 of Hinton et al.) and normalisation as
+    :mod:`detkd.distill.kd` (``auto``: all sampled RoIs for Faster R-CNN, positive anchors for one-stage
+    detectors), i.e. ``kd_proto_cls = weight * sum w KL / count``."""
 
     name = "kd_proto"
 
@@ -120,8 +125,8 @@ class RKDProtoOptions(PrototypeOptions):
 
 
 class RKDProto(PrototypeDistiller):
-    """RKD + prototypes (Table 4): the relation of an instance is its projection on its class's prototypes
-    (Eq. 5 coordinates Lambda) instead of its distances to the other instances of the batch. As in RKD,
+    """RKD + prototypes (Table 4, Sec. 4.2): the relation of an instance is its projection on its class's
+    prototypes (Eq. 5 coordinates Lambda) instead of its distances to the other instances of the batch. As in RKD,
     the student's relations match the teacher's under a Huber (smooth-L1) penalty:
 
         rkd_proto = weight * sum_l (1/N) sum_i mean_k smoothL1(Lambda^s_ik, Lambda^t_ik)

@@ -13,6 +13,9 @@ relations, not the embeddings themselves.
   the cosine of the angle at t_j; Huber loss averaged over the triplets of distinct instances (the
   authors' code averages over all N^3 index triplets, degenerate ones included, which only rescales).
 
+Equation numbers are not cited (they could not be checked against the paper's text): both losses are
+cited by their sections and written out above.
+
 Weights 25 (distance) and 50 (angle) are the paper's for classification (Sec. 4.2), times ``weight``.
 ``scope: batch`` relates all instances of the batch; ``image`` relates instances within each image and
 averages over images. Fewer than 2 (distance) / 3 (angle) instances contribute an exact 0. When a scope
@@ -42,7 +45,9 @@ def _pair_distances(x: Tensor) -> Tensor:
 
 
 def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Distance-wise RKD loss between (N, Ds) student and (N, Dt) teacher embeddings; 0 when N < 2."""
+    """Distance-wise RKD loss (RKD-D, the paper's Sec. 3.2.1: psi_D normalised by the mean pair distance,
+    Huber loss) between (N, Ds) student and (N, Dt) teacher embeddings, averaged over the pairs i != j;
+    0 when N < 2. Equation number not confirmed."""
     n = student.shape[0]
     if n < 2:
         return student.new_zeros((), dtype=torch.float32)
@@ -62,7 +67,9 @@ def _angles(x: Tensor) -> Tensor:
 
 
 def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Angle-wise RKD loss between (N, Ds) student and (N, Dt) teacher embeddings; 0 when N < 3."""
+    """Angle-wise RKD loss (RKD-A, the paper's Sec. 3.2.2: cosine psi_A of the angle at the middle instance,
+    Huber loss) between (N, Ds) student and (N, Dt) teacher embeddings, averaged over the triplets of distinct
+    instances; 0 when N < 3. Equation number not confirmed."""
     n = student.shape[0]
     if n < 3:
         return student.new_zeros((), dtype=torch.float32)
@@ -86,7 +93,8 @@ class RKDOptions:
 
 
 class RKD(Distiller):
-    """``rkd_distance`` and ``rkd_angle`` terms (an angle weight of 0 drops the angle term)."""
+    """``rkd_distance`` (Sec. 3.2.1) and ``rkd_angle`` (Sec. 3.2.2) terms on pooled box embeddings (an angle
+    weight of 0 drops the angle term)."""
 
     name = "rkd"
 
