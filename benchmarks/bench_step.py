@@ -26,6 +26,11 @@ after ``--warmup`` steps of the wall time and, on CPU, of the process CPU time (
 oversubscribed CPU the wall time swings by +-30 % from step to step with the other processes' load, the CPU
 time by about 3 %, so on CPU the ratios and the verdict use the CPU time (on CUDA: wall time, synchronised).
 
+Work: one more step of each configuration under ``torch.utils.flop_counter.FlopCounterMode`` (forward and
+backward of the matrix products and convolutions; RoIAlign, NMS and element-wise ops are not counted):
+GFLOP per step and its ratio to the teacher forward of the method's own request. It does not depend on the
+load, so it tells a cost the method's loss needs (a generator, a second head pass) from a slow implementation.
+
 Memory: every configuration runs again in a fresh child process; CPU: growth of the peak resident memory
 (VmHWM, reset through /proc/self/clear_refs after the models and batches exist) over ``--warmup`` steps,
 with a fixed glibc mmap threshold so that freed heap memory cannot hide allocations; CUDA:
@@ -52,7 +57,8 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
+from machine import cpu_name
+from torch.utils.flop_counter import FlopCounterMode  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -211,8 +217,13 @@ def child_time(args: dict) -> dict:
                 wall[c["name"]].append(time.perf_counter() - t0)
                 cpu[c["name"]].append(time.process_time() - c0)
         print(f"  {arch}: step {s + 1}/{args['warmup'] + args['steps']}", file=sys.stderr, flush=True)
+    flops = {}
+    for c in configs:  # one more step each, counted: the work a step needs, whatever the machine's load
+        with FlopCounterMode(display=False) as counter:
+            train_step(c, batches[0])
+        flops[c["name"]] = counter.get_total_flops()
     return {c["name"]: {"wall_s": statistics.median(wall[c["name"]]), "cpu_s": statistics.median(cpu[c["name"]]),
-                        **c["info"]} for c in configs}
+                        "gflop": flops[c["name"]] / 1e9, **c["info"]} for c in configs}
 
 
 def child_memory(args: dict) -> dict:
@@ -348,9 +359,9 @@ def print_table(arch: str, r: dict, names: list[str], key: str) -> None:
     label = {"student": "student alone", "teacher": "student + teacher forward",
              "teacher_feat": "student + teacher (features)"}
     print(f"\n{arch}")
-    print(f"{'':<29} {'time':-^31} {'memory':-^47}")
+    print(f"{'':<29} {'time':-^31} {'memory':-^47} {'work':-^15}")
     print(f"{'configuration':<29} {'wall s':>7} {'CPU s':>7} {'x teach':>7} {'x own':>7} {'peak MB':>7} "
-          f"{'x teach':>7} {'step MB':>7} {'x teach':>7} {'x own':>7}  verdict")
+          f"{'x teach':>7} {'step MB':>7} {'x teach':>7} {'x own':>7} {'GFLOP':>7} {'x own':>7}  verdict")
 
     def ratio(n: str, ref: str, field: str) -> float | None:
         if not ref or r[n].get(field) is None or not r[ref].get(field):
@@ -366,6 +377,7 @@ def print_table(arch: str, r: dict, names: list[str], key: str) -> None:
         t_teach, t_own = ratio(n, "teacher", key), ratio(n, own, key)
         p_teach = ratio(n, "teacher", "peak_mb")
         m_teach, m_own = ratio(n, "teacher", "step_mb"), ratio(n, own, "step_mb")
+        f_own = ratio(n, own, "gflop")
         verdict = ""
         if n in METHODS:
             t_ref, m_ref = t_own or t_teach, m_own or m_teach
@@ -377,7 +389,7 @@ def print_table(arch: str, r: dict, names: list[str], key: str) -> None:
         print(f"{label.get(n, '+ ' + n):<29} {x['wall_s']:7.3f} {fmt(cpu, '7.3f')} {fmt(t_teach, '7.2f')} "
               f"{fmt(t_own, '7.2f')} {fmt(x.get('peak_mb'), '7.0f')} {fmt(p_teach, '7.2f')} "
               f"{fmt(x.get('step_mb'), '7.0f')} {fmt(m_teach, '7.2f')} {fmt(m_own, '7.2f')}"
-              f"  {verdict}")
+              f" {fmt(x.get('gflop'), '7.1f')} {fmt(f_own, '7.2f')}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def standardize(x: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor
         count *= x.shape[d]
     correction = 1 if (stats == "batch" and count > 1) else 0
     mean = x.mean(dim=dims, keepdim=True)
-    # eps inside the root: sqrt has an infinite slope at 0, so a 1x1 level (or a constant channel) would send a
-    # NaN gradient through std + eps; sqrt(var + eps^2) gives it 0 and a zero gradient instead
+    # eps inside the root: sqrt has an infinite slope at 0, so a 1x1 level would send a NaN gradient through
+    # std + eps; sqrt(var + eps^2) gives it 0 and a zero gradient instead (a constant channel over several
+    # positions still gets a finite gradient of order 1/eps, as with the authors' std + eps)
     std = (x.var(dim=dims, keepdim=True, correction=correction) + eps * eps).sqrt()
     return (x - mean) / std
 
