@@ -85,7 +85,9 @@ class BenchError(RuntimeError):
 
 
 @dataclass
-class Run:
+class BenchRun:
+    """One run of a bench (the teacher, a seed's baseline or a method's row): its command and full config."""
+
     name: str  # folder under the bench output, e.g. seed0/fgd
     row: str  # table row label
     seed: int
@@ -150,7 +152,7 @@ def _parse_methods(raw: dict[str, Any]) -> dict[str, BenchMethod]:
 # Planning
 
 
-def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str] | None = None) -> list[Run]:
+def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str] | None = None) -> list[BenchRun]:
     """Every run of the bench in execution order (seed by seed, so a partial bench has whole seeds).
 
     Each run's config is validated here, so a bad method option fails before anything trains.
@@ -168,19 +170,19 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
     epochs = cfg.epochs or config_from_dict(copy.deepcopy(student)).train.epochs
     pre = cfg.pretrain_epochs
 
-    runs: list[Run] = []
+    runs: list[BenchRun] = []
     if cfg.teacher_checkpoint:
-        t_run = Run("teacher", "teacher", -1, "eval", _with(teacher, out / "teacher"), cfg.teacher_checkpoint)
+        t_run = BenchRun("teacher", "teacher", -1, "eval", _with(teacher, out / "teacher"), cfg.teacher_checkpoint)
         teacher_ckpt = cfg.teacher_checkpoint
     else:
-        t_run = Run("teacher", "teacher", -1, "train", _with(teacher, out / "teacher"))
+        t_run = BenchRun("teacher", "teacher", -1, "train", _with(teacher, out / "teacher"))
         teacher_ckpt = str(out / "teacher" / "last.pt")
     runs.append(t_run)
 
     for seed in cfg.seeds:
         init = ""
         if pre > 0:
-            runs.append(Run(f"seed{seed}/pretrain", "pretrain", seed, "train",
+            runs.append(BenchRun(f"seed{seed}/pretrain", "pretrain", seed, "train",
                             _with(student, out / f"seed{seed}/pretrain", seed=seed, epochs=pre)))
             init = str(out / f"seed{seed}/pretrain" / "last.pt")
         base = apply_overrides(_with(student, out / f"seed{seed}/baseline", seed=seed, epochs=epochs),
@@ -188,7 +190,7 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
         if init:
             base["model"]["weights"] = init
             base["model"]["backbone_weights"] = "none"
-        runs.append(Run(f"seed{seed}/baseline", "baseline", seed, "train", base))
+        runs.append(BenchRun(f"seed{seed}/baseline", "baseline", seed, "train", base))
         for label, m in methods.items():
             if m.seeds and seed not in m.seeds:
                 continue
@@ -202,9 +204,9 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
                 "student_checkpoint": init,
             }
             raw = apply_overrides(raw, [*cfg.distill_overrides, *m.overrides])
-            runs.append(Run(f"seed{seed}/{label}", label, seed, "distill", raw))
+            runs.append(BenchRun(f"seed{seed}/{label}", label, seed, "distill", raw))
         if pre > 0 and cfg.fair_budget:
-            runs.append(Run(f"seed{seed}/fair_budget", "fair_budget", seed, "train",
+            runs.append(BenchRun(f"seed{seed}/fair_budget", "fair_budget", seed, "train",
                             _with(student, out / f"seed{seed}/fair_budget", seed=seed, epochs=pre + epochs)))
 
     for r in runs:
@@ -251,11 +253,11 @@ def _scaled_milestones(raw: dict[str, Any], epochs: int) -> list[int]:
 # Running
 
 
-def result_path(run: Run, out: Path) -> Path:
+def result_path(run: BenchRun, out: Path) -> Path:
     return run.folder(out) / "result.json"
 
 
-def execute(run: Run, out: Path, quiet: bool = True) -> dict[str, Any]:
+def execute(run: BenchRun, out: Path, quiet: bool = True) -> dict[str, Any]:
     """Run one bench run in a subprocess (resuming it if interrupted); write and return its result."""
     folder = run.folder(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -313,7 +315,7 @@ def _start_mismatches(results: list[dict[str, Any]]) -> list[str]:
     return [f"seed {s}" for s, inits in sorted(by_seed.items()) if len(inits) > 1]
 
 
-def _final_metrics(run: Run, folder: Path, log_path: Path) -> dict[str, Any]:
+def _final_metrics(run: BenchRun, folder: Path, log_path: Path) -> dict[str, Any]:
     path = folder / ("eval.json" if run.command == "eval" else FINAL_METRICS)
     if not path.is_file():
         raise BenchError(f"run {run.name}: it wrote no {path.name}; see {log_path}")
@@ -366,7 +368,7 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
     return summary
 
 
-def _check_unchanged(finished: list[Run], out: Path) -> None:
+def _check_unchanged(finished: list[BenchRun], out: Path) -> None:
     """A finished run is reused only if the bench would run it with the same config."""
     for r in finished:
         saved = json.loads(result_path(r, out).read_text()).get("config")
@@ -391,7 +393,7 @@ def _lock(out: Path):
     return f
 
 
-def _blocked_by(run: Run, failures: list[str]) -> str:
+def _blocked_by(run: BenchRun, failures: list[str]) -> str:
     """The failed run this one depends on (the teacher, or its seed's pre-training), if any."""
     needs = []
     if run.command == "distill":
@@ -412,7 +414,7 @@ def _eta(t_start: float, done: int, total: int) -> str:
 # Report
 
 
-def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
+def collect(out: Path, runs: list[BenchRun]) -> list[dict[str, Any]]:
     results = []
     for r in runs:
         p = result_path(r, out)
@@ -421,7 +423,7 @@ def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
     return results
 
 
-def _row_order(runs: list[Run]) -> list[str]:
+def _row_order(runs: list[BenchRun]) -> list[str]:
     order: list[str] = []
     for r in runs:
         if r.row not in order:
@@ -431,7 +433,7 @@ def _row_order(runs: list[Run]) -> list[str]:
     return fixed + [x for x in order if x not in fixed]
 
 
-def write_report(out: Path, runs: list[Run], cfg: BenchConfig) -> dict[str, Any]:
+def write_report(out: Path, runs: list[BenchRun], cfg: BenchConfig) -> dict[str, Any]:
     """Write table.md / table.csv / results.json / map.png / curves.png from the finished runs."""
     results = collect(out, runs)
     table = summarise(results, _row_order(runs))
@@ -461,7 +463,7 @@ def write_report(out: Path, runs: list[Run], cfg: BenchConfig) -> dict[str, Any]
     return summary
 
 
-def plot_curves(out: Path, runs: list[Run], path: Path) -> None:
+def plot_curves(out: Path, runs: list[BenchRun], path: Path) -> None:
     """Training loss (per logged window) and evaluated mAP of every run, one colour per row."""
     import matplotlib
 

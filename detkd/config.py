@@ -372,12 +372,20 @@ def check_max_dets(max_dets: list[int], detections_per_img: int) -> None:
         )
 
 
+def check_model_values(model: ModelConfig) -> None:
+    """The model keys that :func:`validate` checks on a config and :func:`detkd.models.build_detector` on any
+    model section it builds (a teacher's too, whatever built the ModelConfig)."""
+    if model.num_classes < 1:
+        raise ConfigError(f"model.num_classes must be >= 1, got {model.num_classes}")
+    if not 0 <= model.trainable_layers <= 5:
+        raise ConfigError(f"model.trainable_layers must be in 0..5, got {model.trainable_layers}")
+
+
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; each error names the key."""
+    check_model_values(cfg.model)
     checks = [
-        (cfg.model.num_classes >= 1, "model.num_classes must be >= 1"),
         (cfg.model.fpn_channels >= 1, "model.fpn_channels must be >= 1"),
-        (0 <= cfg.model.trainable_layers <= 5, "model.trainable_layers must be in 0..5"),
         (cfg.model.min_size >= 16, "model.min_size must be >= 16"),
         (cfg.model.max_size >= cfg.model.min_size, "model.max_size must be >= model.min_size"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),

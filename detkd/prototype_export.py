@@ -218,7 +218,7 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
                                                             for (img, _), box in zip(k.tolist(), found)]))
         gallery = out / f"gallery_level{lv}.png"
         info(f"prototypes: level {lv} ({level_names[lv]}): {len(per_class)} classes -> {gallery}")
-        title = f"level {lv} ({level_names[lv]}), {bank.generator}, K={bank.k}"
+        title = f"level {lv} ({level_names[lv]}), {bank.opts.generator}, K={bank.opts.k}"
         draw_gallery(gallery_rows, title, gallery)
         levels_pt.append({"level": lv, "name": level_names[lv], "classes": classes_pt})
         levels_json.append({"level": lv, "name": level_names[lv], "gallery": gallery.name,
@@ -226,8 +226,8 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
 
     elapsed = time.perf_counter() - t_start
     common = {
-        "version": 1, "method": name, "options": options, "generator": bank.generator, "k": bank.k,
-        "lam": bank.lam, "num_instances": int(keys.shape[0]), "class_names": class_names,
+        "version": 1, "method": name, "options": options, "generator": bank.opts.generator, "k": bank.opts.k,
+        "lam": bank.opts.lam, "num_instances": int(keys.shape[0]), "class_names": class_names,
         "checkpoint": str(checkpoint), "teacher_checkpoint": cfg.distill.teacher_checkpoint,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -348,17 +348,17 @@ def analyze_relations(
     pool = bank.extract_pool(ctx)
     t_extract = time.perf_counter() - t0
     info(f"relations: {pool.keys.shape[0]} instances, {pool.labels.unique().numel()} classes; measuring")
-    result = pool_discrepancies(pool.ft, pool.fs, pool.labels, bank.k, lam=bank.lam, normalize=opts.normalize,
+    result = pool_discrepancies(pool.ft, pool.fs, pool.labels, opts.k, lam=opts.lam, normalize=opts.normalize,
                                 seed=opts.seed, kmeans_space=kmeans_space, pgm_opts=bank.gen_opts)
     level_names = pyramid_levels(student)
     if pairs is not None:  # the bank's levels are the paired ones
         level_names = [level_names[j] for _, j in pairs]
     out = Path(out)
     title = (f"{cfg.model.arch}: teacher {Path(cfg.distill.teacher_checkpoint).name}, student "
-             f"{Path(checkpoint).name}; K={bank.k}, lambda={bank.lam:g}, all levels")
+             f"{Path(checkpoint).name}; K={opts.k}, lambda={opts.lam:g}, all levels")
     plot_relation_histograms(result, out / "relations.png", title)
     torch.save({"values": result.values, "levels": result.levels, "classes": result.classes,
-                "level_names": list(level_names), "k": bank.k}, out / "relations.pt")
+                "level_names": list(level_names), "k": opts.k}, out / "relations.pt")
     summary = {
         "version": 1,
         "definition": {
@@ -368,9 +368,9 @@ def analyze_relations(
             "cosine": "d_i = sum_k |cos(f_i^s, g_k^s) - cos(f_i^t, g_k^t)| (Fig. 1: cosine relations, l1 distance)",
             "projection": "d_i = ||Lambda_i^s - Lambda_i^t||_2 with Lambda the Eq. 5 projections (Eq. 6, 8)",
         },
-        "method": name, "options": options, "k": bank.k, "lam": bank.lam, "normalize": bool(opts.normalize),
+        "method": name, "options": options, "k": opts.k, "lam": opts.lam, "normalize": bool(opts.normalize),
         "pgm_options": bank.gen_opts, "kmeans_space": kmeans_space, "seed": opts.seed,
-        "images_per_class": bank.max_images_per_class, "checkpoint": str(checkpoint),
+        "images_per_class": opts.max_images_per_class, "checkpoint": str(checkpoint),
         "teacher_checkpoint": cfg.distill.teacher_checkpoint, "num_instances": int(pool.keys.shape[0]),
         "levels": list(level_names),
         **summarize(result, level_names),

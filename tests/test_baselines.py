@@ -389,8 +389,86 @@ def test_build_distiller_options():
         build_distiller("kd", {"temperature": 0}, [4, 4], [4, 4], "retinanet")
     with pytest.raises(ConfigError, match="distill.options.scope"):
         build_distiller("rkd", {"scope": "everything"}, [4, 4], [4, 4], "fcos")
-    with pytest.raises(ConfigError, match="fgfi.options.factor"):
+    with pytest.raises(ConfigError, match=r"distill\.options\.factor: must be in \(0, 1\], got 1\.5"):
         build_distiller("fgfi", {"factor": 1.5}, [4, 4], [4, 4], "fcos")
+
+
+def test_declared_ranges_are_enforced_with_one_wording():
+    """A range declared on an options field (opt) is checked by build_distiller, naming the config entry, and
+    by the distiller itself when built directly, naming the method; the same words for every method."""
+    where = "distill.methods[0]"
+    cases = [("rkd", "max_instances", 2, "must be >= 3, got 2"),
+             ("gid", "resp_iou", 0.0, "must be in (0, 1], got 0.0"),
+             ("mgd", "mask_ratio", 1.0, "must be in [0, 1), got 1.0"),
+             ("global", "refresh_every", 0, "must be >= 1, got 0"),
+             ("fgd", "gc_ratio", 4.5, "must be in (0, 4], got 4.5"),
+             ("kd", "temperature", -1.0, "must be > 0, got -1.0")]
+    for method, option, value, words in cases:
+        with pytest.raises(ConfigError) as e:
+            build_distiller(method, {option: value}, [4] * 5, [4] * 5, "retinanet", where=where)
+        assert str(e.value) == f"{where}.options.{option}: {words}", method
+        cls = REGISTRY[method]
+        with pytest.raises(ConfigError) as e:
+            cls(cls.Options(**{option: value}), [4] * 5, [4] * 5, "retinanet")
+        assert str(e.value) == f"{method}.options.{option}: {words}", method
+    # list elements one by one; X | None options only when set
+    with pytest.raises(ConfigError, match=r"^distill\.options\.levels\[1\]: must be >= 0, got -1$"):
+        build_distiller("pkd", {"levels": [0, -1]}, [4] * 5, [4] * 5, "retinanet")
+    with pytest.raises(ConfigError, match=r"^distill\.options\.max_candidates: must be >= 1, got 0$"):
+        build_distiller("global", {"max_candidates": 0}, [4], [4], "retinanet")
+    assert build_distiller("global", {"max_candidates": None}, [4], [4], "retinanet").opts.max_candidates is None
+    # the bounds themselves are accepted
+    build_distiller("mgd", {"mask_ratio": 0.0}, [4] * 5, [4] * 5, "retinanet")
+    build_distiller("gid", {"resp_iou": 1.0, "nms_iou": 1.0}, [4] * 5, [4] * 5, "retinanet")
+
+
+def _outside(rng) -> float:
+    """A value just outside a declared range."""
+    if rng.ge is not None:
+        return rng.ge - 1
+    if rng.gt is not None:
+        return rng.gt
+    return rng.le + 1 if rng.le is not None else rng.lt
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_numeric_option_declares_its_range(name):
+    """Every int / float option (also X | None and lists of them) of every registered method declares a range
+    with opt(), or says it has none (opt(..., unbounded=True)), so a new option cannot skip the check; and
+    each declared range is enforced with the common wording."""
+    import dataclasses
+    import typing
+
+    from detkd.distill.base import is_numeric, option_range
+
+    opts_cls = REGISTRY[name].Options
+    hints = typing.get_type_hints(opts_cls)
+    numeric = [f for f in dataclasses.fields(opts_cls) if is_numeric(hints[f.name])]
+    assert numeric, name
+    undeclared = [f.name for f in numeric if option_range(f) is None]
+    assert undeclared == [], f"{name}: numeric options without opt(): {undeclared}"
+    for f in numeric:
+        rng = option_range(f)
+        if not rng.bounded:
+            continue
+        bad = _outside(rng)
+        tp = hints[f.name]
+        is_list = typing.get_origin(tp) is list
+        item = typing.get_args(tp)[0] if is_list else tp
+        got = float(bad) if float in (item, *typing.get_args(item)) else bad
+        with pytest.raises(ConfigError) as e:
+            build_distiller(name, {f.name: [bad] if is_list else bad}, [4] * 5, [4] * 5, "retinanet", where="m")
+        key = f"m.options.{f.name}" + ("[0]" if is_list else "")
+        assert str(e.value) == f"{key}: must be {rng}, got {got}", (name, f.name)
+
+
+def test_opt_needs_a_bound_or_unbounded():
+    from detkd.distill.base import opt
+
+    with pytest.raises(TypeError, match="unbounded"):
+        opt(1.0)
+    with pytest.raises(TypeError, match="unbounded"):
+        opt(1.0, ge=0, unbounded=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

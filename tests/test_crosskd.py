@@ -190,7 +190,7 @@ def test_defaults_follow_the_authors_per_head_type():
     f = build_distiller("crosskd", {}, [32] * 5, [32] * 5, "fcos")
     assert (r.cross_at, r.cls_weight, r.box_weight, r.box_loss) == (3, 1.0, 1.0, "giou")
     assert (f.cross_at, f.cls_weight, f.box_weight, f.box_loss) == (2, 0.4, 0.75, "iou")
-    with pytest.raises(ConfigError, match=r"crosskd\.options\.cross_at"):
+    with pytest.raises(ConfigError, match=r"distill\.options\.cross_at: must be in \[0, 4\], got 5"):
         build_distiller("crosskd", {"cross_at": 5}, [32] * 5, [32] * 5, "retinanet")
 
 

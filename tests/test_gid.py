@@ -316,7 +316,7 @@ def test_options_and_bad_taps():
     assert REGISTRY["gid"] is GID
     opts = from_dict(GIDOptions, {"top_k": 5, "relation_weight": 25}, "distill.options")
     assert (opts.top_k, opts.relation_weight, opts.feature_weight) == (5, 25.0, 5e-3)
-    with pytest.raises(ConfigError, match="top_k"):
+    with pytest.raises(ConfigError, match=r"gid\.options\.top_k: must be >= 1, got 0"):
         GID(GIDOptions(top_k=0), [4], [4], "retinanet")
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(GIDOptions, {"topk": 3}, "distill.options")

@@ -262,7 +262,7 @@ def test_switches_and_requests():
     assert make("global", arch="faster_rcnn").request().roi_outputs
     assert make("global", arch="fcos").request().dense_outputs
     assert not make("global", arch="fcos", use_resp=False).request().dense_outputs
-    with pytest.raises(ConfigError, match="global.options.k"):
+    with pytest.raises(ConfigError, match=r"distill\.options\.k: must be >= 1, got 0"):
         make("global", k=0)
     with pytest.raises(ConfigError, match="temperature"):
         make("global", temperature=0.0)

@@ -272,9 +272,9 @@ def test_bad_options_name_the_option():
     for tau in (-1.0, 0.0):
         with pytest.raises(ConfigError, match=r"options\.tau: must be > 0"):
             build("cwd", {"tau": tau})
-    with pytest.raises(ConfigError, match=r"mgd\.options\.mask_ratio: must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"options\.mask_ratio: must be in \[0, 1\), got 1\.0"):
         build("mgd", {"mask_ratio": 1.0})
-    with pytest.raises(ConfigError, match=r"options\.mask_ratio: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"options\.mask_ratio: must be in \[0, 1\), got -0\.1"):
         build("mgd", {"mask_ratio": -0.1})
     with pytest.raises(ConfigError, match=r"options\.stats"):
         build("pkd", {"stats": "global"})
@@ -315,6 +315,9 @@ def test_methods_name_prints_options_defaults_and_help(capsys):
     assert main(["methods", "mgd"]) == 0
     out = capsys.readouterr().out
     assert "mask_ratio: float = 0.65" in out and "seed: int = 0" in out and "lambda_mgd" in out
+    # the ranges declared on the options fields, in the words of the range check; none for an unbounded seed
+    assert "mask_ratio: float = 0.65, must be in [0, 1)" in out and "\n  seed: int = 0\n" in out
+    assert "alpha: float = 2e-05, must be >= 0" in out and "levels: list[int] = [], each must be >= 0" in out
 
 
 def test_methods_reads_the_options_dataclasses_of_the_registry(capsys):

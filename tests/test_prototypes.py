@@ -9,7 +9,7 @@ from detkd.config import ModelConfig
 from detkd.data.common import DetectionDataset
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
-from detkd.distill.prototype_pool import PrototypeBank, _priority
+from detkd.distill.prototype_pool import PrototypeBank, PrototypeOptions, _priority
 from detkd.distill.prototypes import (
     GENERATORS,
     generate,
@@ -100,7 +100,7 @@ def test_build_from_features_per_level_per_class():
     labels = torch.tensor([1, 1, 1, 1, 3, 3, 3, 1])
     feats_t = [torch.randn(8, 5, generator=g) for _ in range(2)]
     feats_s = [torch.randn(8, 3, generator=g) for _ in range(2)]
-    bank = PrototypeBank(k=2, lam=1.0, generator="pgm", gen_opts={"allow_repeats": False})
+    bank = PrototypeBank(PrototypeOptions(k=2, lam=1.0, generator="pgm", allow_repeats=False))
     assert bank.is_empty()
     bank.build_from_features(feats_t, feats_s, labels)
     assert bank.num_levels == 2 and not bank.is_empty() and bank.refreshes == 1
@@ -253,7 +253,7 @@ def test_bank_caps_images_per_class_and_drops_small_boxes(detectors):
     teacher, student = detectors
     ctx = DistillContext(teacher=teacher, student=student, loader=toy_loader(), device=torch.device("cpu"),
                          epoch=0, epochs=1)
-    bank = PrototypeBank(k=3, lam=1.0, generator="random", min_box=20.0, max_images_per_class=1)
+    bank = PrototypeBank(PrototypeOptions(k=3, lam=1.0, generator="random", min_box=20.0, max_images_per_class=1))
     stats = bank.refresh(ctx)
     cache = bank._teacher_cache
     for c in (1, 2, 3):
@@ -320,7 +320,7 @@ def test_images_without_a_kept_instance_are_not_forwarded(cap):
     t_seen, s_seen = images_seen(teacher), images_seen(student)
     ctx = DistillContext(teacher=teacher, student=student, loader=toy_loader(), device=torch.device("cpu"),
                          epoch=0, epochs=2)
-    bank = PrototypeBank(k=2, lam=1.0, max_images_per_class=cap)
+    bank = PrototypeBank(PrototypeOptions(k=2, lam=1.0, max_images_per_class=cap))
     stats = bank.refresh(ctx)
     keys = bank._teacher_cache["keys"].tolist()
     assert keys == expected_keys(cap)
@@ -367,7 +367,7 @@ def test_dataloader_over_a_dataset_decodes_only_the_needed_images(tmp_path):
     s_seen = images_seen(student)
     banks = []
     for loader in (build_loader(ds, 2, 0, shuffle=False), batches):
-        bank = PrototypeBank(k=2, lam=1.0, max_images_per_class=1)
+        bank = PrototypeBank(PrototypeOptions(k=2, lam=1.0, max_images_per_class=1))
         bank.refresh(DistillContext(teacher=teacher, student=student, loader=loader, device=torch.device("cpu"),
                                     epoch=0, epochs=1))
         banks.append(bank)

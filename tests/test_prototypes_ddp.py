@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detkd.distill.base import DistillContext
-from detkd.distill.prototype_pool import PrototypeBank
+from detkd.distill.prototype_pool import PrototypeBank, PrototypeOptions
 from detkd.models import build_detector
 from tests.test_prototypes import tiny, toy_loader
 
@@ -34,7 +34,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         # rank 1 sees batch 0 again, as a DistributedSampler pads the last shard by repeating images
         shard = [batches[rank]] + ([batches[0]] if rank == 1 else [])
         for cap in (0, 1):
-            bank = PrototypeBank(k=2, lam=1.0, max_images_per_class=cap)
+            bank = PrototypeBank(PrototypeOptions(k=2, lam=1.0, max_images_per_class=cap))
             bank.refresh(_context(t, s, shard, 0))
             bank.refresh(_context(t, s, shard, 1))  # the second refresh reuses the cached teacher features
             torch.save(bank.state(), f"{out}/rank{rank}_cap{cap}.pt")
@@ -52,7 +52,7 @@ def test_two_ranks_select_the_same_prototypes_as_one_process(tmp_path):
     mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     t, s = _models()
     for cap in (0, 1):
-        bank = PrototypeBank(k=2, lam=1.0, max_images_per_class=cap)
+        bank = PrototypeBank(PrototypeOptions(k=2, lam=1.0, max_images_per_class=cap))
         bank.refresh(_context(t, s, toy_loader(), 0))
         ref = bank.state()["entries"]
         assert ref

@@ -393,13 +393,13 @@ def test_bad_input_is_skipped_counted_in_one_line_and_never_stops_an_epoch(tmp_p
 
 
 @pytest.mark.parametrize(("method", "options", "message"), [
-    ("global", {"k": -3}, r"distill\.methods\[1\]\.options\.k: must be >= 0, got -3"),
+    ("global", {"k": -3}, r"distill\.methods\[1\]\.options\.k: must be >= 1, got -3"),
     ("global", {"lam": -1.0}, r"distill\.methods\[1\]\.options\.lam: must be >= 0, got -1\.0"),
-    ("global", {"k": 0}, r"distill\.methods\[1\] \(global\): global\.options\.k: invalid value 0"),
+    ("global", {"k": 0}, r"distill\.methods\[1\]\.options\.k: must be >= 1, got 0"),
     ("kd", {"temperature": 0.0}, r"distill\.methods\[1\]\.options\.temperature: must be > 0, got 0\.0"),
     ("fgd", {"alpha": -2e-5}, r"distill\.methods\[1\]\.options\.alpha: must be >= 0"),
     ("rkd", {"angle_weight": float("nan")}, r"distill\.methods\[1\]\.options\.angle_weight: must be a finite number"),
-    ("gid", {"nms_iou": 1.5}, r"distill\.methods\[1\] \(gid\): gid options: nms_iou must be in \(0, 1\]"),
+    ("gid", {"nms_iou": 1.5}, r"distill\.methods\[1\]\.options\.nms_iou: must be in \(0, 1\], got 1\.5"),
     ("fgfi", {"anchor_sizes": [32.0, -8.0]}, r"distill\.methods\[1\]\.options\.anchor_sizes\[1\]: must be >= 0"),
 ])
 def test_bad_method_options_are_named(method, options, message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from detkd.config import ConfigError, from_dict
-from detkd.distill.base import Distiller, check_option_values
+from detkd.distill.base import Distiller, check_options
 from detkd.distill.crosskd import CrossKD
 from detkd.distill.cwd import CWD
 from detkd.distill.defeat import DeFeat
@@ -60,7 +60,7 @@ def build_distiller(
             f"{', '.join(cls.archs)}){why}" + (f"; the pair is {pair}" if pair else "")
         )
     opts = from_dict(cls.Options, options, f"{where}.options")
-    check_option_values(opts, where)
+    check_options(opts, where)
     try:
         return cls(opts, teacher_channels, student_channels, arch)
     except ConfigError as e:  # the method's own checks: say which entry of distill.methods they concern

@@ -1,4 +1,4 @@
-"""The distiller interface and the option checks shared by every method.
+"""The distiller interface, and the option ranges: declared on each method's options fields, checked here.
 
 A distiller is an ``nn.Module`` (its parameters are adapters, trained with the student) built from a
 typed options dataclass. ``forward(teacher, student, targets)`` takes the :class:`~detkd.taps.Taps` of
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -56,6 +58,9 @@ class Distiller(nn.Module):
 
     def __init__(self, opts: Any, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__()
+        # the declared ranges (build_distiller has checked them already, naming the config entry; this covers a
+        # distiller built directly from its Options)
+        check_options(opts, getattr(self, "name", type(self).__name__))
         self.opts = opts
         self.arch = arch
 
@@ -70,27 +75,101 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
 
-# Options that may be negative: seeds, and score thresholds where a negative value means "keep all".
-SIGNED_OPTIONS = frozenset({"seed", "min_score"})
-# Options that must be strictly positive: temperatures divide the logits (or the maps: CWD's tau).
-POSITIVE_OPTIONS = frozenset({"temperature", "temp", "tau"})
+# ----------------------------------------------------------------------------------------------------------
+# Option ranges: declared on the options dataclasses' fields (:func:`opt`), checked by :func:`check_options`
 
 
-def check_option_values(opts: Any, where: str) -> None:
-    """Value checks shared by every method, naming ``{where}.options.{option}`` (as an unknown option is
-    named; in YAML the options may also sit next to ``name``): numbers must be finite; weights,
-    counts, sizes, thresholds and lambda / K must not be negative (:data:`SIGNED_OPTIONS` excepted);
-    temperatures must be positive. Each method checks its own ranges on top (e.g. an IoU in (0, 1])."""
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: ``ge`` / ``gt`` a lower bound (``>=`` / ``>``), ``le`` / ``lt`` an
+    upper one; None = no bound on that side (all None: any finite number)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, v: float) -> bool:
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    @property
+    def bounded(self) -> bool:
+        return any(b is not None for b in (self.ge, self.gt, self.le, self.lt))
+
+    def __str__(self) -> str:
+        """What :func:`check_options` says a value must be: ``>= 1``, ``> 0``, ``in (0, 1]``, ``any number``."""
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if self.ge is not None else "> ") + low[1:]
+        if high:
+            return ("<= " if self.le is not None else "< ") + high[:-1]
+        return "any number"
+
+
+RANGE = "range"  # the metadata key of a field's Range
+# the range of a numeric option whose field declares none (an options dataclass written without opt())
+DEFAULT_RANGE = Range(ge=0)
+
+
+def opt(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
+        ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+        unbounded: bool = False) -> Any:
+    """A numeric option's dataclass field with its range: ``k: int = opt(10, ge=1)``, ``iou: float =
+    opt(0.5, gt=0, le=1)``, ``levels: list[int] = opt(factory=list, ge=0)`` (a list: every element).
+    ``unbounded=True`` says that any finite number is fine (seeds, a score threshold where a negative value
+    keeps all). None (for an ``X | None`` option) is always accepted. :func:`check_options` checks the
+    ranges and ``detkd methods NAME`` prints them."""
+    rng = Range(ge=ge, gt=gt, le=le, lt=lt)
+    if rng.bounded == unbounded:
+        raise TypeError("opt(): give a bound (ge, gt, le, lt) or unbounded=True, not both or neither")
+    metadata = {RANGE: rng}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def option_range(f: dataclasses.Field) -> Range | None:
+    """The range declared on an options field (:func:`opt`), None where it declares none."""
+    return f.metadata.get(RANGE)
+
+
+def is_numeric(tp: Any) -> bool:
+    """Whether an option's annotation holds numbers, the values :func:`check_options` checks: ``int``,
+    ``float``, ``X | None`` or ``list[X]`` of them (not ``bool``)."""
+    if tp in (int, float):
+        return True
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (list, tuple, typing.Union, types.UnionType):
+        return bool(args) and all(is_numeric(a) for a in args if a is not Ellipsis)
+    return False
+
+
+def range_error(key: str, allowed: Range | str, value: Any) -> ConfigError:
+    """The one wording of an option outside its range, ``{key}: must be {allowed}, got {value}``; also for the
+    checks that depend on two options or on the detectors (``allowed``: e.g. ``">= top_k (10)"``)."""
+    return ConfigError(f"{key}: must be {allowed}, got {value}")
+
+
+def check_options(opts: Any, where: str) -> None:
+    """Check every numeric option of ``opts`` (an options dataclass; lists element by element) against the
+    range its field declares (:func:`opt`; :data:`DEFAULT_RANGE` where it declares none): it must be a finite
+    number in that range. Errors name ``{where}.options.{option}`` (as an unknown option is named; in YAML the
+    options may also sit next to ``name``) and the range, e.g. ``distill.methods[0].options.k: must be >= 1,
+    got 0``. :func:`detkd.distill.build_distiller` calls it with the config's ``where``, and every
+    :class:`Distiller` on its own options with its name as ``where``."""
     for f in dataclasses.fields(opts):
         value = getattr(opts, f.name)
         values = value if isinstance(value, (list, tuple)) else [value]
+        rng = option_range(f) or DEFAULT_RANGE
         for i, v in enumerate(values):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             key = f"{where}.options.{f.name}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
             if not math.isfinite(v):
                 raise ConfigError(f"{key}: must be a finite number, got {v}")
-            if f.name in POSITIVE_OPTIONS and v <= 0:
-                raise ConfigError(f"{key}: must be > 0, got {v}")
-            if f.name not in SIGNED_OPTIONS and v < 0:
-                raise ConfigError(f"{key}: must be >= 0, got {v}")
+            if v not in rng:
+                raise range_error(key, rng, v)

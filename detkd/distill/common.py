@@ -11,7 +11,6 @@
 - :func:`softmax_kl` / :func:`sigmoid_kl`: temperature-softened KL(teacher || student).
 - :func:`check_logits`: the teacher's and the student's classification outputs exist and agree.
 - :func:`graph_zero`: a zero that stays connected to the autograd graph (empty batches under DDP).
-- :func:`check_temperature`: options validation shared by the KD-style distillers.
 
 Everything works on :class:`~detkd.taps.Taps` in the transformed frame: feature cell ``(i, j)`` of a
 level with stride ``s`` covers the pixels ``[j s, (j + 1) s) x [i s, (i + 1) s)`` of the padded batch.
@@ -19,14 +18,13 @@ level with stride ``s`` covers the pixels ``[j s, (j + 1) s) x [i s, (i + 1) s)`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from detkd.config import ConfigError
+from detkd.distill.base import range_error
 from detkd.taps import Taps
 
 ADAPTER_KINDS = ("conv1x1", "conv3x3", "identity")
@@ -91,7 +89,7 @@ def select_levels(levels: list[int], num_levels: int, arch: str, where: str) -> 
     of its own, and the authors of FGD, PKD, CWD and MGD distil the four FPN output convs P2-P5."""
     if levels:
         if any(not 0 <= i < num_levels for i in levels) or len(set(levels)) != len(levels):
-            raise ConfigError(f"{where}: {list(levels)} must be distinct indices in 0..{num_levels - 1}")
+            raise range_error(where, f"distinct indices in [0, {num_levels - 1}]", list(levels))
         return list(levels)
     if arch == "faster_rcnn" and num_levels > 1:
         return list(range(num_levels - 1))
@@ -329,8 +327,3 @@ def sigmoid_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     # log p = logsigmoid(x), log(1 - p) = logsigmoid(-x): finite for any finite logit
     kl = pt * (F.logsigmoid(xt) - F.logsigmoid(xs)) + (1 - pt) * (F.logsigmoid(-xt) - F.logsigmoid(-xs))
     return kl * temperature**2
-
-
-def check_temperature(value: float, where: str) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{where}: temperature must be a positive number, got {value!r}")

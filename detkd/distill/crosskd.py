@@ -53,8 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
-from detkd.config import ConfigError
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt
 from detkd.distill.common import build_adapters, graph_zero, resolve_adapter
 from detkd.distill.pkd import standardize
 from detkd.taps import TapRequest, Taps, decode_boxes
@@ -65,19 +64,20 @@ AUTHORS = {"retinanet": (3, 1.0, 1.0, "giou"), "fcos": (2, 0.4, 0.75, "iou")}
 
 @dataclass
 class CrossKDOptions:
-    cross_at: int | None = None  # student head conv block (1..4) whose output, before its ReLU, enters the
-    # teacher's head; 0 = the FPN features; None = the authors': 3 for RetinaNet, 2 for FCOS
-    cls_weight: float | None = None  # weight of crosskd_cls; None = 1.0 (RetinaNet), 0.4 (FCOS)
-    box_weight: float | None = None  # weight of crosskd_box; None = 1.0 (RetinaNet), 0.75 (FCOS)
+    cross_at: int | None = opt(None, ge=0, le=4)  # student head conv block (1..4) whose output, before its
+    # ReLU, enters the teacher's head; 0 = the FPN features; None = the authors': 3 for RetinaNet, 2 for FCOS
+    # (torchvision's towers have 4 blocks; the models' own depth is checked at start-up)
+    cls_weight: float | None = opt(None, ge=0)  # weight of crosskd_cls; None = 1.0 (RetinaNet), 0.4 (FCOS)
+    box_weight: float | None = opt(None, ge=0)  # weight of crosskd_box; None = 1.0 (RetinaNet), 0.75 (FCOS)
     box_loss: Literal["auto", "giou", "iou", "l1"] = "auto"  # on the decoded boxes; auto: giou for
     # RetinaNet, iou (-log IoU) for FCOS, as the authors; l1: summed |x1 y1 x2 y2 differences|
-    beta: float = 1.0  # focal exponent of the quality-focal KD loss, |p_s - p_t|^beta
+    beta: float = opt(1.0, ge=0)  # focal exponent of the quality-focal KD loss, |p_s - p_t|^beta
     align_scale: bool = False  # standardise the student's features per channel and give them the teacher's
     # mean / std before the teacher's layers (the authors' code, not the paper; off: it divides by the
     # student's per-channel std, ~0 on 1 x 1 levels of small images, and diverged there)
     adapter: Literal["auto", "conv1x1", "conv3x3", "identity"] = "auto"  # maps the student's head width to
     # the teacher's; auto: a 1x1 conv only where the widths differ (the paper has equal widths)
-    eps: float = 1e-6  # added to standard deviations and IoUs
+    eps: float = opt(1e-6, ge=0)  # added to standard deviations and IoUs
 
 
 def quality_focal_kd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0) -> Tensor:
@@ -145,8 +145,6 @@ class CrossKD(Distiller):
         self.cls_weight = cls_w if opts.cls_weight is None else opts.cls_weight
         self.box_weight = box_w if opts.box_weight is None else opts.box_weight
         self.box_loss = box_loss if opts.box_loss == "auto" else opts.box_loss
-        if not 0 <= self.cross_at <= 4:  # torchvision's towers have 4 blocks; checked on the models at start
-            raise ConfigError(f"crosskd.options.cross_at: must be in 0..4, got {self.cross_at}")
         sc, tc = [student_channels[0]], [teacher_channels[0]]  # heads are as wide as the FPN
         kind = resolve_adapter(opts.adapter, sc, tc)
         self.cls_adapter = build_adapters(sc, tc, kind, where="crosskd.options.adapter")[0]

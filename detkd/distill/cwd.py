@@ -32,26 +32,25 @@ like any other, as in the authors' code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.config import ConfigError
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt
 from detkd.distill.common import check_levels, level_adapters
-from detkd.taps import TapRequest, Taps
+from detkd.taps import Taps
 
 
 @dataclass
 class CWDOptions:
-    weight: float = 5.0  # loss weight of each level (summed over levels); 5 in the authors' RetinaNet config
-    tau: float = 1.0  # softmax temperature over the positions of a channel; the loss is scaled by tau^2
+    weight: float = opt(5.0, ge=0)  # loss weight of each level (summed over levels); 5 in the authors' RetinaNet config
+    tau: float = opt(1.0, gt=0)  # softmax temperature over the positions of a channel; the loss is scaled by tau^2
     adapter: Literal["auto", "conv1x1", "conv3x3", "identity"] = "auto"  # maps student to teacher width;
     # auto: a 1x1 conv when the widths differ
-    levels: list[int] = field(default_factory=list)  # pyramid indices; empty = all but Faster R-CNN 'pool'
+    levels: list[int] = opt(factory=list, ge=0)  # pyramid indices; empty = all but Faster R-CNN 'pool'
 
 
 def channel_kl(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
@@ -72,17 +71,11 @@ class CWD(Distiller):
     name = "cwd"
 
     Options = CWDOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: CWDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        if not opts.tau > 0:
-            raise ConfigError(f"cwd.options.tau: must be > 0, got {opts.tau}")
         self.levels, self.adapters = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels,
                                                     arch, "cwd")
-
-    def request(self) -> TapRequest:
-        return TapRequest(features=True)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_levels(self.levels, teacher, student, "cwd")

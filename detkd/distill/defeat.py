@@ -37,14 +37,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt
 from detkd.distill.common import (
     box_masks,
     build_adapters,
     check_adapters,
     check_logits,
     check_pyramids,
-    check_temperature,
     graph_zero,
     softmax_kl,
 )
@@ -53,13 +52,13 @@ from detkd.taps import TapRequest, Taps
 
 @dataclass
 class DeFeatOptions:
-    fg_weight: float = 3.0  # feature loss inside the boxes (authors' VOC config)
-    bg_weight: float = 12.0  # feature loss outside the boxes
+    fg_weight: float = opt(3.0, ge=0)  # feature loss inside the boxes (authors' VOC config)
+    bg_weight: float = opt(12.0, ge=0)  # feature loss outside the boxes
     adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv3x3"  # student to teacher width
     roi: bool = True  # Faster R-CNN: also the decoupled RoI classification KD
-    roi_fg_weight: float = 2.0  # RoI KD on positive RoIs
-    roi_bg_weight: float = 2.0  # RoI KD on negative RoIs
-    temperature: float = 1.0  # T of the RoI KD
+    roi_fg_weight: float = opt(2.0, ge=0)  # RoI KD on positive RoIs
+    roi_bg_weight: float = opt(2.0, ge=0)  # RoI KD on negative RoIs
+    temperature: float = opt(1.0, gt=0)  # T of the RoI KD
 
 
 def decoupled_feature_loss(adapters: nn.ModuleList, teacher: Taps, student: Taps, masks: list[Tensor],
@@ -116,12 +115,10 @@ class DeFeat(Distiller):
     name = "defeat"
 
     Options = DeFeatOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: DeFeatOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        check_temperature(opts.temperature, "defeat.options.temperature")
         self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
                                        where="defeat.options.adapter")
         self.use_roi = opts.roi and arch == "faster_rcnn"

@@ -21,7 +21,7 @@ import typing
 from typing import Any
 
 from detkd.distill import REGISTRY
-from detkd.distill.base import Distiller
+from detkd.distill.base import DEFAULT_RANGE, Distiller, is_numeric, option_range
 
 
 def registry() -> dict[str, type[Distiller]]:
@@ -138,13 +138,25 @@ def default_value(f: dataclasses.Field) -> Any:
     return None
 
 
-def options_table(cls: type[Distiller]) -> list[tuple[str, str, Any, str]]:
-    """``(name, type, default, help)`` for every option of a method, in the dataclass's order."""
+def allowed_values(f: dataclasses.Field, tp: Any) -> str:
+    """What a numeric option must be, in the words of the range check (``must be in (0, 1]``; a list's
+    elements: ``each must be >= 0``), from the range its field declares; "" for any number or no number."""
+    if not is_numeric(tp):
+        return ""
+    rng = option_range(f) or DEFAULT_RANGE
+    if not rng.bounded:
+        return ""
+    return ("each " if typing.get_origin(tp) in (list, tuple) else "") + f"must be {rng}"
+
+
+def options_table(cls: type[Distiller]) -> list[tuple[str, str, Any, str, str]]:
+    """``(name, type, default, allowed values, help)`` for every option of a method, in the dataclass's order
+    (allowed values: :func:`allowed_values`)."""
     opts = cls.Options
     hints = typing.get_type_hints(opts)
     helps = option_comments(opts)
-    return [(f.name, type_name(hints[f.name]), default_value(f), helps.get(f.name, ""))
-            for f in dataclasses.fields(opts)]
+    return [(f.name, type_name(hints[f.name]), default_value(f), allowed_values(f, hints[f.name]),
+             helps.get(f.name, "")) for f in dataclasses.fields(opts)]
 
 
 def format_methods() -> str:
@@ -161,18 +173,20 @@ def format_methods() -> str:
 
 
 def format_method(name: str) -> str:
-    """``detkd methods NAME``: what the method distils, its detectors and its options with defaults and help.
+    """``detkd methods NAME``: what the method distils, its detectors and its options with defaults, allowed
+    values and help.
     Raises ``KeyError`` for an unknown name."""
     methods = registry()
     if name not in methods:
         raise KeyError(name)
     cls = methods[name]
-    lines = [f"{name}: {summary(cls)}", f"detectors: {', '.join(cls.archs)}", "", "options (default, help):"]
+    lines = [f"{name}: {summary(cls)}", f"detectors: {', '.join(cls.archs)}", "",
+             "options (default, allowed values, help):"]
     rows = options_table(cls)
     if not rows:
         lines.append("  (none)")
-    for opt, tp, default, help_text in rows:
-        lines.append(f"  {opt}: {tp} = {default!r}")
+    for opt, tp, default, allowed, help_text in rows:
+        lines.append(f"  {opt}: {tp} = {default!r}" + (f", {allowed}" if allowed else ""))
         if help_text:
             lines.extend("      " + line for line in textwrap.wrap(help_text, 100))
     lines.append("")

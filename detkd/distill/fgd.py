@@ -22,7 +22,7 @@ Where detkd departs from the authors' code, the choice is written in ``docs/meth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkd.config import ConfigError
-from detkd.distill.base import Distiller
-from detkd.taps import TapRequest, Taps
+from detkd.distill.base import Distiller, opt
+from detkd.distill.common import select_levels
+from detkd.taps import Taps
 
 # The authors' configs per detector family; every value can be overridden by an option.
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
@@ -45,14 +46,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
 class FGDOptions:
     """Options of ``fgd``. ``None`` means the default of the student's detector family (FAMILY_DEFAULTS)."""
 
-    temp: float | None = None  # attention temperature T
-    alpha: float | None = None  # foreground feature loss weight
-    beta: float | None = None  # background feature loss weight
-    gamma: float | None = None  # attention loss weight
-    lam: float | None = None  # global (relation) loss weight, the paper's lambda
+    temp: float | None = opt(None, gt=0)  # attention temperature T
+    alpha: float | None = opt(None, ge=0)  # foreground feature loss weight
+    beta: float | None = opt(None, ge=0)  # background feature loss weight
+    gamma: float | None = opt(None, ge=0)  # attention loss weight
+    lam: float | None = opt(None, ge=0)  # global (relation) loss weight, the paper's lambda
     box_scale: Literal["unpadded", "padded"] = "unpadded"  # image size that maps boxes onto the grid
-    levels: list[int] = field(default_factory=list)  # pyramid indices; empty = all but Faster R-CNN 'pool'
-    gc_ratio: float = 0.5  # GC block bottleneck: planes = int(channels * gc_ratio), as the authors (C / 2)
+    levels: list[int] = opt(factory=list, ge=0)  # pyramid indices; empty = all but Faster R-CNN 'pool'
+    gc_ratio: float = opt(0.5, gt=0, le=4)  # GC block bottleneck: planes = int(channels * gc_ratio), as the
+    # authors (C / 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,7 +181,6 @@ class FGD(Distiller):
     name = "fgd"
 
     Options = FGDOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: FGDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
@@ -194,30 +195,11 @@ class FGD(Distiller):
         self.beta = opts.beta if opts.beta is not None else defaults["beta"]
         self.gamma = opts.gamma if opts.gamma is not None else defaults["gamma"]
         self.lam = opts.lam if opts.lam is not None else defaults["lam"]
-        if self.temp <= 0:
-            raise ConfigError(f"fgd options: temp must be > 0, got {self.temp}")
-        if not 0 < opts.gc_ratio <= 4:
-            raise ConfigError(f"fgd options: gc_ratio must be in (0, 4], got {opts.gc_ratio}")
-        num_levels = len(student_channels)
-        if opts.levels:
-            bad = [i for i in opts.levels if not 0 <= i < num_levels]
-            if bad or len(set(opts.levels)) != len(opts.levels):
-                raise ConfigError(
-                    f"fgd options: levels {opts.levels} must be distinct indices in 0..{num_levels - 1}"
-                )
-            self.levels = list(opts.levels)
-        elif arch == "faster_rcnn" and num_levels > 1:
-            # torchvision's Faster R-CNN FPN ends with the max-pooled 'pool' level (an RPN-only extra level
-            # with no conv of its own); the authors distil the four FPN output convs P2-P5.
-            self.levels = list(range(num_levels - 1))
-        else:
-            self.levels = list(range(num_levels))
+        # Faster R-CNN: the levels before the max-pooled 'pool' (the authors distil the FPN output convs P2-P5)
+        self.levels = select_levels(opts.levels, len(student_channels), arch, "fgd.options.levels")
         self.level_modules = nn.ModuleList(
             FGDLevel(student_channels[i], teacher_channels[i], opts.gc_ratio) for i in self.levels
         )
-
-    def request(self) -> TapRequest:
-        return TapRequest(features=True)
 
     def _check(self, teacher: Taps, student: Taps) -> None:
         if len(teacher.features) != len(student.features):

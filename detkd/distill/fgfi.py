@@ -25,31 +25,30 @@ Anchors: RetinaNet / FCOS taps carry the head's anchors; for Faster R-CNN the RP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from detkd.config import ConfigError
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt, range_error
 from detkd.distill.common import (
     build_adapters,
     check_adapters,
     check_pyramids,
     imitation_mask_batch,
 )
-from detkd.taps import TapRequest, Taps
+from detkd.taps import Taps
 
 
 @dataclass
 class FGFIOptions:
-    weight: float = 0.01  # lambda; the FGFI authors' code default
-    factor: float = 0.5  # psi: threshold = factor * max IoU of each box
+    weight: float = opt(0.01, ge=0)  # lambda; the FGFI authors' code default
+    factor: float = opt(0.5, gt=0, le=1)  # psi: threshold = factor * max IoU of each box
     adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv3x3"  # student to teacher width (authors: 3x3)
     adapter_relu: bool = False  # a ReLU after the adapter (authors, on VGG); FPN outputs are signed
-    anchor_sizes: list[float] = field(default_factory=list)  # Faster R-CNN without taps anchors; [] = 8 x stride
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # generated anchors (h / w)
+    anchor_sizes: list[float] = opt(factory=list, ge=0)  # Faster R-CNN without taps anchors; [] = 8 x stride
+    aspect_ratios: list[float] = opt(factory=lambda: [0.5, 1.0, 2.0], ge=0)  # generated anchors (h / w)
 
 
 class FGFI(Distiller):
@@ -59,23 +58,15 @@ class FGFI(Distiller):
     name = "fgfi"
 
     Options = FGFIOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: FGFIOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        if not 0.0 < opts.factor <= 1.0:
-            raise ConfigError(f"fgfi.options.factor: must be in (0, 1], got {opts.factor}")
         if opts.anchor_sizes and len(opts.anchor_sizes) != len(teacher_channels):
-            raise ConfigError(
-                f"fgfi.options.anchor_sizes: {opts.anchor_sizes} must give one size per pyramid level "
-                f"({len(teacher_channels)})"
-            )
+            raise range_error("fgfi.options.anchor_sizes",
+                              f"{len(teacher_channels)} sizes (one per pyramid level) or empty", opts.anchor_sizes)
         self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter, opts.adapter_relu,
                                        where="fgfi.options.adapter")
-
-    def request(self) -> TapRequest:
-        return TapRequest(features=True)
 
     def masks(self, student: Taps) -> list[Tensor]:
         """Per level (N, 1, H, W) imitation masks of the batch."""

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt
 from detkd.distill.common import build_adapters, check_adapters, check_pyramids
-from detkd.taps import TapRequest, Taps
+from detkd.taps import Taps
 
 
 @dataclass
 class FitNetOptions:
-    weight: float = 1.0  # multiplies the mean over levels of the MSE
+    weight: float = opt(1.0, ge=0)  # multiplies the mean over levels of the MSE
     adapter: Literal["conv1x1", "conv3x3", "identity"] = "conv1x1"  # the regressor from student to teacher width
 
 
@@ -33,16 +33,12 @@ class FitNet(Distiller):
     name = "fitnet"
 
     Options = FitNetOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: FitNetOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
         self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
                                        where="fitnet.options.adapter")
-
-    def request(self) -> TapRequest:
-        return TapRequest(features=True)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_pyramids(teacher, student, "fitnet")

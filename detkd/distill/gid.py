@@ -39,7 +39,7 @@ from torchvision.models.detection._utils import BoxCoder, BoxLinearCoder, Matche
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from detkd.config import ConfigError
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt, range_error
 from detkd.distill.common import sigmoid_kl
 from detkd.taps import TapRequest, Taps, pool_boxes
 
@@ -56,16 +56,16 @@ ROI_SMOOTH_L1_BETA = 1.0 / 9  # torchvision fastrcnn_loss
 class GIDOptions:
     """Options of ``gid``. Loss weights default to the values of the authors' reproduction."""
 
-    feature_weight: float = 5e-3  # l1 of the overall loss
-    relation_weight: float = 40.0  # l2
-    response_weight: float = 1.0  # l3
-    top_k: int = 10  # general instances per image
-    nms_iou: float = 0.3  # NMS IoU among the general-instance candidates (the paper's 0.3)
-    pre_nms_top_n: int = 1000  # candidates per image (by GI score) kept before NMS, for speed
-    min_score: float = 0.0  # a candidate needs a GI score strictly above this
-    pool_size: int = 7  # RoIAlign output size of the feature / relation embeddings
-    resp_iou: float = 0.5  # IoU that assigns an anchor (RetinaNet) or a RoI (Faster R-CNN) to a GI box
-    temperature: float = 1.0  # of the classification response distillation
+    feature_weight: float = opt(5e-3, ge=0)  # l1 of the overall loss
+    relation_weight: float = opt(40.0, ge=0)  # l2
+    response_weight: float = opt(1.0, ge=0)  # l3
+    top_k: int = opt(10, ge=1)  # general instances per image
+    nms_iou: float = opt(0.3, gt=0, le=1)  # NMS IoU among the general-instance candidates (the paper's 0.3)
+    pre_nms_top_n: int = opt(1000, ge=1)  # candidates per image (by GI score) kept before NMS (at least top_k)
+    min_score: float = opt(0.0, unbounded=True)  # a candidate needs a GI score strictly above this
+    pool_size: int = opt(7, ge=1)  # RoIAlign output size of the feature / relation embeddings
+    resp_iou: float = opt(0.5, gt=0, le=1)  # IoU that assigns an anchor (RetinaNet) or a RoI (Faster R-CNN) to a GI box
+    temperature: float = opt(1.0, gt=0)  # of the classification response distillation
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,25 +284,13 @@ class GID(Distiller):
     name = "gid"
 
     Options = GIDOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: GIDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
         if arch not in self.archs:
             raise ConfigError(f"gid: unsupported arch {arch!r} (supported: {', '.join(self.archs)})")
-        checks = [
-            (opts.top_k >= 1, f"top_k must be >= 1, got {opts.top_k}"),
-            (0.0 < opts.nms_iou <= 1.0, f"nms_iou must be in (0, 1], got {opts.nms_iou}"),
-            (opts.pre_nms_top_n >= opts.top_k, f"pre_nms_top_n ({opts.pre_nms_top_n}) must be >= top_k"),
-            (opts.pool_size >= 1, f"pool_size must be >= 1, got {opts.pool_size}"),
-            (0.0 < opts.resp_iou <= 1.0, f"resp_iou must be in (0, 1], got {opts.resp_iou}"),
-            (opts.temperature > 0, f"temperature must be > 0, got {opts.temperature}"),
-            (min(opts.feature_weight, opts.relation_weight, opts.response_weight) >= 0,
-             "feature_weight, relation_weight and response_weight must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"gid options: {msg}")
+        if opts.pre_nms_top_n < opts.top_k:
+            raise range_error("gid.options.pre_nms_top_n", f">= top_k ({opts.top_k})", opts.pre_nms_top_n)
         if len(set(teacher_channels)) != 1 or len(set(student_channels)) != 1:
             raise ConfigError(f"gid: instances of all pyramid levels share one adapter, so every level needs "
                               f"the same width (teacher {teacher_channels}, student {student_channels})")

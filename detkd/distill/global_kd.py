@@ -82,11 +82,10 @@ import torch
 from torch import Tensor
 
 from detkd.config import ConfigError
-from detkd.distill.base import DistillContext, Distiller
+from detkd.distill.base import DistillContext, Distiller, opt, range_error
 from detkd.distill.common import (
     build_adapters,
     check_pyramids,
-    check_temperature,
     graph_zero,
     imitation_mask_batch,
 )
@@ -103,48 +102,17 @@ from detkd.distill.global_terms import (
 )
 from detkd.distill.kd import dense_kd, roi_kd
 from detkd.distill.pgm import project, project_grouped
-from detkd.distill.prototype_pool import PrototypeBank
+from detkd.distill.prototype_pool import PrototypeBank, PrototypeOptions
 from detkd.distill.prototypes import Prototypes, instance_features_levels
 from detkd.runtime.faults import fault_point
 from detkd.taps import TapRequest, Taps, box_levels, pool_boxes, pool_levels
 
-GeneratorName = Literal[
-    "pgm", "kmeans_teacher", "kmeans_student", "dbscan_teacher", "dbscan_student", "ambiguous", "random"
-]
-
-
-@dataclass
-class PrototypeOptions:
-    """Options shared by every distiller that uses prototypes (bank, schedule, relations, sigma)."""
-
-    k: int = 10  # prototypes per class per level (K)
-    lam: float = 10.0  # lambda of Eq. 2 / 5
-    refresh_every: int = 1  # T of Alg. 2, in epochs
-    generator: GeneratorName = "pgm"  # Table 6
-    normalize: bool = False  # L2-normalise features for selection and projection (authors: true)
-    allow_repeats: bool = True  # PGM may pick an instance twice (authors' code)
-    prefilter: bool = False  # PGM candidates: the authors' density pre-filter
-    max_candidates: int | None = None  # PGM: random subset of candidates
-    extraction: Literal["roi_align", "crop_mean", "crop_mean_inclusive"] = "roi_align"  # authors: crop_mean_inclusive
-    roi_size: int = 7  # RoIAlign output size (extraction roi_align)
-    min_box: float = 0.0  # bank: drop boxes narrower / lower than this (px); authors: 30
-    # bank: at most this many images per class (authors: 800 on COCO; 0 = all); only the images holding a kept
-    # instance are forwarded at a refresh, so it sets the refresh cost (digits configs: 50)
-    max_images_per_class: int = 800
-    seed: int = 0
-    dbscan_eps: float = 0.0  # 0 = automatic (see prototypes.dbscan_labels)
-    dbscan_min_samples: int = 5
-    # "one": every sigma fixed to 1, the robust weighting of RDM switched off (an ablation; the bench's
-    # global_sigma_one row)
-    sigma: Literal["paper", "cosine_max", "one"] = "paper"
-    instances: Literal["gt", "positive_proposals"] = "gt"
-
 
 @dataclass
 class GlobalOptions(PrototypeOptions):
-    a_global: float = 1.0  # Eq. 9 alpha_1
-    a_feat: float = 1.0  # alpha_2
-    a_resp: float = 5.0  # alpha_3
+    a_global: float = opt(1.0, ge=0)  # Eq. 9 alpha_1
+    a_feat: float = opt(1.0, ge=0)  # alpha_2
+    a_resp: float = opt(5.0, ge=0)  # alpha_3
     use_global: bool = True
     use_feat: bool = True
     use_resp: bool = True
@@ -161,9 +129,9 @@ class GlobalOptions(PrototypeOptions):
     # H of Eq. 7: the paper's 1x1 conv + ReLU; "conv1x1" drops the ReLU, whose output cannot reach the negative
     # values of a teacher's FPN map (a floor under the term); "conv3x3": the authors' code
     adapter: Literal["conv1x1_relu", "conv1x1", "conv3x3"] = "conv1x1_relu"
-    defeat_fg: float = 1.0  # feat_loss defeat: foreground / background weights (authors' code)
-    defeat_bg: float = 4.0
-    temperature: float = 2.0
+    defeat_fg: float = opt(1.0, ge=0)  # feat_loss defeat: foreground / background weights (authors' code)
+    defeat_bg: float = opt(4.0, ge=0)
+    temperature: float = opt(2.0, gt=0)
     kl_class_mean: bool = False
     resp_rois: Literal["all", "positive"] = "all"  # Faster R-CNN: negatives weight 1, or left out
     # Options that only reproduce the authors' code (docs/methods.md, global, table of differences):
@@ -202,36 +170,15 @@ class PrototypeDistiller(Distiller):
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
         where = f"{self.name}.options"
-        checks = [
-            ("k", opts.k >= 1), ("lam", opts.lam >= 0), ("refresh_every", opts.refresh_every >= 1),
-            ("roi_size", opts.roi_size >= 1), ("min_box", opts.min_box >= 0),
-            ("max_images_per_class", opts.max_images_per_class >= 0),
-            ("max_candidates", opts.max_candidates is None or opts.max_candidates >= 1),
-            ("dbscan_min_samples", opts.dbscan_min_samples >= 1),
-        ]
-        for key, ok in checks:
-            if not ok:
-                raise ConfigError(f"{where}.{key}: invalid value {getattr(opts, key)!r}")
         if opts.instances == "positive_proposals" and arch != "faster_rcnn":
-            raise ConfigError(
-                f"{where}.instances: 'positive_proposals' needs a two-stage detector (faster_rcnn), got {arch}"
-            )
+            raise range_error(f"{where}.instances", f"'gt' for a {arch} student ('positive_proposals' needs a "
+                              "two-stage detector, faster_rcnn)", repr(opts.instances))
         if len(teacher_channels) != len(student_channels):
             raise ConfigError(
                 f"{where}: teacher has {len(teacher_channels)} pyramid levels, student {len(student_channels)}; "
                 "prototypes are per level and need the same levels in both detectors"
             )
-        gen_opts: dict[str, Any] = {}
-        if opts.generator == "pgm":
-            gen_opts = {"normalize": opts.normalize, "allow_repeats": opts.allow_repeats,
-                        "prefilter": opts.prefilter, "max_candidates": opts.max_candidates}
-        elif opts.generator.startswith("dbscan"):
-            gen_opts = {"dbscan_eps": opts.dbscan_eps, "dbscan_min_samples": opts.dbscan_min_samples}
-        self.bank = PrototypeBank(
-            opts.k, opts.lam, opts.generator, extraction=opts.extraction, roi_size=opts.roi_size,
-            min_box=opts.min_box, max_images_per_class=opts.max_images_per_class, seed=opts.seed,
-            gen_opts=gen_opts,
-        )
+        self.bank = PrototypeBank(opts)
         self.refreshed_epoch = -1
         self.stats: dict[str, float] = {}
         # level_stack's padded prototype stacks per (level, device), with the bank entries they came from
@@ -456,18 +403,17 @@ class GlobalKD(PrototypeDistiller):
     name = "global"
 
     Options = GlobalOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: GlobalOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        check_temperature(opts.temperature, "global.options.temperature")
         self.use_global = opts.use_global and opts.a_global != 0
         self.use_feat = opts.use_feat and opts.a_feat != 0
         self.use_resp = opts.use_resp and opts.a_resp != 0
         if opts.feat_loss != "paper" and (opts.feat_region != "boxes" or opts.feat_norm != "level"):
-            raise ConfigError("global.options.feat_region / feat_norm: they shape the paper's Eq. 7 "
-                              f"(feat_loss: paper), not feat_loss: {opts.feat_loss}")
+            raise range_error("global.options.feat_region / feat_norm", f"boxes / level with feat_loss "
+                              f"{opts.feat_loss} (they shape the paper's Eq. 7, feat_loss: paper)",
+                              f"{opts.feat_region} / {opts.feat_norm}")
         if self.use_feat:
             kind, relu = ("conv1x1", True) if opts.adapter == "conv1x1_relu" else (opts.adapter, False)
             self.adapters = build_adapters(student_channels, teacher_channels, kind, relu=relu,

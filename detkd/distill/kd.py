@@ -31,15 +31,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from detkd.distill.base import Distiller
-from detkd.distill.common import check_logits, check_temperature, graph_zero, sigmoid_kl, softmax_kl
+from detkd.distill.base import Distiller, opt
+from detkd.distill.common import check_logits, graph_zero, sigmoid_kl, softmax_kl
 from detkd.taps import TapRequest, Taps
 
 
 @dataclass
 class KDOptions:
-    weight: float = 1.0  # multiplies kd_cls
-    temperature: float = 2.0  # T of the softened outputs; the KL is scaled by T^2
+    weight: float = opt(1.0, ge=0)  # multiplies kd_cls
+    temperature: float = opt(2.0, gt=0)  # T of the softened outputs; the KL is scaled by T^2
     samples: Literal["auto", "all", "positive"] = "auto"  # auto: all sampled RoIs (Faster R-CNN), positive
     # anchors / points (RetinaNet, FCOS)
     class_reduction: Literal["sum", "mean"] = "sum"  # the KL summed over classes, or that sum / classes
@@ -118,11 +118,6 @@ class KD(Distiller):
     name = "kd"
 
     Options = KDOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
-
-    def __init__(self, opts: KDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        check_temperature(opts.temperature, "kd.options.temperature")
 
     def request(self) -> TapRequest:
         if self.arch == "faster_rcnn":

@@ -34,27 +34,27 @@ other (as in the authors' code).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from detkd.config import ConfigError
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt
 from detkd.distill.common import check_levels, level_adapters
 from detkd.runtime import dist
-from detkd.taps import TapRequest, Taps
+from detkd.taps import Taps
 
 
 @dataclass
 class MGDOptions:
-    alpha: float = 2e-5  # alpha_mgd: weight of each level's loss (summed over levels); 2e-5 for detection
-    mask_ratio: float = 0.65  # lambda_mgd: probability that a position of the student map is masked, in [0, 1)
-    seed: int = 0  # seeds the masks (with the call count and the DDP rank): same seed, same masks
+    alpha: float = opt(2e-5, ge=0)  # alpha_mgd: weight of each level's loss (summed over levels); 2e-5 for detection
+    mask_ratio: float = opt(0.65, ge=0, lt=1)  # lambda_mgd: probability that a position of the student map
+    # is masked
+    seed: int = opt(0, unbounded=True)  # seeds the masks (with the call count and the DDP rank): same seed, same masks
     adapter: Literal["auto", "conv1x1", "conv3x3", "identity"] = "auto"  # the align conv: student to teacher
     # width; auto: a 1x1 conv when the widths differ
-    levels: list[int] = field(default_factory=list)  # pyramid indices; empty = all but Faster R-CNN 'pool'
+    levels: list[int] = opt(factory=list, ge=0)  # pyramid indices; empty = all but Faster R-CNN 'pool'
 
 
 def keep_mask(n: int, height: int, width: int, ratio: float, generator: torch.Generator) -> Tensor:
@@ -99,20 +99,14 @@ class MGD(Distiller):
     name = "mgd"
 
     Options = MGDOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: MGDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        if not 0.0 <= opts.mask_ratio < 1.0:
-            raise ConfigError(f"mgd.options.mask_ratio: must be in [0, 1), got {opts.mask_ratio}")
         self.levels, aligns = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels, arch, "mgd")
         tc = [teacher_channels[i] for i in self.levels]
         self.level_modules = nn.ModuleList(MGDLevel(a, c) for a, c in zip(aligns, tc))
         # forward calls so far: seeds the masks; a buffer so that checkpoints (and resume) keep it
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
-
-    def request(self) -> TapRequest:
-        return TapRequest(features=True)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_levels(self.levels, teacher, student, "mgd")

@@ -38,26 +38,26 @@ R-CNN; all five P3-P7 for RetinaNet / FCOS, where the authors' configs leave out
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt
 from detkd.distill.common import check_levels, level_adapters
-from detkd.taps import TapRequest, Taps
+from detkd.taps import Taps
 
 
 @dataclass
 class PKDOptions:
-    weight: float = 6.0  # loss weight of each level (summed over levels); 6 in the authors' configs
+    weight: float = opt(6.0, ge=0)  # loss weight of each level (summed over levels); 6 in the authors' configs
     stats: Literal["instance", "batch"] = "instance"  # standardise per image and channel (the paper) or
     # per channel over the whole batch (the authors' code)
-    eps: float = 1e-6  # added to the standard deviation, so constant channels give 0, not NaN
+    eps: float = opt(1e-6, ge=0)  # added to the standard deviation, so constant channels give 0, not NaN
     adapter: Literal["auto", "conv1x1", "conv3x3", "identity"] = "auto"  # maps student to teacher width;
     # auto: a 1x1 conv only where the widths differ
-    levels: list[int] = field(default_factory=list)  # pyramid indices; empty = all but Faster R-CNN 'pool'
+    levels: list[int] = opt(factory=list, ge=0)  # pyramid indices; empty = all but Faster R-CNN 'pool'
 
 
 def standardize(x: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:
@@ -94,15 +94,11 @@ class PKD(Distiller):
     name = "pkd"
 
     Options = PKDOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: PKDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
         self.levels, self.adapters = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels,
                                                     arch, "pkd")
-
-    def request(self) -> TapRequest:
-        return TapRequest(features=True)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_levels(self.levels, teacher, student, "pkd")

@@ -30,16 +30,53 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from detkd.data import kept_boxes
+from detkd.distill.base import opt
 from detkd.distill.pgm import select_prototypes
 from detkd.distill.prototypes import EXTRACTIONS, GENERATORS, Prototypes, generate, instance_features_levels
 from detkd.runtime.dist import all_gather_cat, all_gather_objects, is_main, rank, world_size
 from detkd.taps import TapRequest, select_levels, tap_teacher, transform_batch
+
+# ----------------------------------------------------------------------------------------------------------
+# The options of a prototype method
+
+GeneratorName = Literal[
+    "pgm", "kmeans_teacher", "kmeans_student", "dbscan_teacher", "dbscan_student", "ambiguous", "random"
+]
+
+
+@dataclass
+class PrototypeOptions:
+    """Options shared by every distiller that uses prototypes (bank, schedule, relations, sigma); the bank
+    (:class:`PrototypeBank`) reads those of the pool and the selection."""
+
+    k: int = opt(10, ge=1)  # prototypes per class per level (K)
+    lam: float = opt(10.0, ge=0)  # lambda of Eq. 2 / 5
+    refresh_every: int = opt(1, ge=1)  # T of Alg. 2, in epochs
+    generator: GeneratorName = "pgm"  # Table 6
+    normalize: bool = False  # L2-normalise features for selection and projection (authors: true)
+    allow_repeats: bool = True  # PGM may pick an instance twice (authors' code)
+    prefilter: bool = False  # PGM candidates: the authors' density pre-filter
+    max_candidates: int | None = opt(None, ge=1)  # PGM: random subset of candidates
+    extraction: Literal["roi_align", "crop_mean", "crop_mean_inclusive"] = "roi_align"  # authors: crop_mean_inclusive
+    roi_size: int = opt(7, ge=1)  # RoIAlign output size (extraction roi_align)
+    min_box: float = opt(0.0, ge=0)  # bank: drop boxes narrower / lower than this (px); authors: 30
+    # bank: at most this many images per class (authors: 800 on COCO; 0 = all); only the images holding a kept
+    # instance are forwarded at a refresh, so it sets the refresh cost (digits configs: 50)
+    max_images_per_class: int = opt(800, ge=0)
+    seed: int = opt(0, unbounded=True)
+    dbscan_eps: float = opt(0.0, ge=0)  # 0 = automatic (see prototypes.dbscan_labels)
+    dbscan_min_samples: int = opt(5, ge=1)
+    # "one": every sigma fixed to 1, the robust weighting of RDM switched off (an ablation; the bench's
+    # global_sigma_one row)
+    sigma: Literal["paper", "cosine_max", "one"] = "paper"
+    instances: Literal["gt", "positive_proposals"] = "gt"
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The bank
@@ -163,38 +200,19 @@ def _subset_loader(loader: Any, indices: list[int]) -> Any:
 
 
 class PrototypeBank:
-    """Prototypes per pyramid level per class, built by Alg. 2 line 4-5.
+    """Prototypes per pyramid level per class, built by Alg. 2 line 4-5, as ``opts`` say (K, lambda, generator,
+    extraction, ``min_box``, ``max_images_per_class``, seed; default: :class:`PrototypeOptions`'s defaults).
 
     ``protos[level][cls]`` is a :class:`Prototypes` (classes with no instance have no entry). Build it
     from a data loader with :meth:`refresh` or from precomputed features with :meth:`build_from_features`.
     """
 
-    def __init__(
-        self,
-        k: int = 10,
-        lam: float = 10.0,
-        generator: str = "pgm",
-        *,
-        extraction: str = "roi_align",
-        roi_size: int = 7,
-        min_box: float = 0.0,
-        max_images_per_class: int = 800,
-        seed: int = 0,
-        gen_opts: dict[str, Any] | None = None,
-    ):
-        if generator not in GENERATORS:
-            raise ValueError(f"generator: {generator!r} is not one of {', '.join(GENERATORS)}")
-        if extraction not in EXTRACTIONS:
-            raise ValueError(f"extraction: {extraction!r} is not one of {', '.join(EXTRACTIONS)}")
-        self.k = k
-        self.lam = lam
-        self.generator = generator
-        self.extraction = extraction
-        self.roi_size = roi_size
-        self.min_box = min_box
-        self.max_images_per_class = max_images_per_class
-        self.seed = seed
-        self.gen_opts = dict(gen_opts or {})
+    def __init__(self, opts: PrototypeOptions | None = None):
+        self.opts = opts if opts is not None else PrototypeOptions()
+        if self.opts.generator not in GENERATORS:
+            raise ValueError(f"generator: {self.opts.generator!r} is not one of {', '.join(GENERATORS)}")
+        if self.opts.extraction not in EXTRACTIONS:
+            raise ValueError(f"extraction: {self.opts.extraction!r} is not one of {', '.join(EXTRACTIONS)}")
         self.protos: list[dict[int, Prototypes]] = []
         self.refreshes = 0  # how many times prototypes were (re)selected
         # teacher cache: keys (N, 2) = (image id, box index), labels, areas, features per level (CPU)
@@ -204,6 +222,18 @@ class PrototypeBank:
         self._device_cache: dict[str, Any] = {}
 
     # -- queries
+    @property
+    def gen_opts(self) -> dict[str, Any]:
+        """The generator's own options, from :attr:`opts`: PGM's (``normalize``, ``allow_repeats``,
+        ``prefilter``, ``max_candidates``), DBSCAN's (``dbscan_eps``, ``dbscan_min_samples``), else none."""
+        o = self.opts
+        if o.generator == "pgm":
+            return {"normalize": o.normalize, "allow_repeats": o.allow_repeats, "prefilter": o.prefilter,
+                    "max_candidates": o.max_candidates}
+        if o.generator.startswith("dbscan"):
+            return {"dbscan_eps": o.dbscan_eps, "dbscan_min_samples": o.dbscan_min_samples}
+        return {}
+
     @property
     def num_levels(self) -> int:
         return len(self.protos)
@@ -253,13 +283,14 @@ class PrototypeBank:
 
     # -- selection
     def _generate(self, level: int, cls: int, ft: Tensor, fs: Tensor, areas: Tensor | None) -> Tensor:
-        if self.pgm_costs is not None and self.generator == "pgm" and ft.shape[0] > 0:
+        o = self.opts
+        if self.pgm_costs is not None and o.generator == "pgm" and ft.shape[0] > 0:
             # the call generate() makes for pgm, keeping the Eq. 4 costs it drops
-            res = select_prototypes(ft, fs, k=self.k, lam=self.lam, **self.gen_opts)
+            res = select_prototypes(ft, fs, k=o.k, lam=o.lam, **self.gen_opts)
             self.pgm_costs[(level, cls)] = [float(c) for c in res.costs.cpu()]
             return res.indices.cpu().to(torch.int64)
         return generate(
-            ft, fs, self.k, self.generator, lam=self.lam, seed=self.seed + 1009 * level + cls,
+            ft, fs, o.k, o.generator, lam=o.lam, seed=o.seed + 1009 * level + cls,
             areas=areas, **self.gen_opts,
         )
 
@@ -293,7 +324,7 @@ class PrototypeBank:
             from tqdm import tqdm
 
             # bars on a terminal only: in a log file their carriage returns pile up into one long line
-            bar = tqdm(mine, desc=f"prototypes ({self.generator})", leave=False, disable=not sys.stderr.isatty())
+            bar = tqdm(mine, desc=f"prototypes ({self.opts.generator})", leave=False, disable=not sys.stderr.isatty())
         chosen: dict[tuple[int, int], list[int]] = {}
         for lv, c in bar:
             idx = torch.nonzero(labels == c).squeeze(1)
@@ -324,7 +355,8 @@ class PrototypeBank:
         frame, through :func:`detkd.taps.transform_batch`). No detector runs.
         """
         out: Wanted = {}
-        if index is not None and self.min_box <= 0:
+        min_box = self.opts.min_box
+        if index is not None and min_box <= 0:
             for _, img, labels in index:
                 out.setdefault(img, list(enumerate(labels)))
             return out
@@ -332,11 +364,11 @@ class PrototypeBank:
         for images, targets in context.loader:
             ids = [_image_id(t, (rank() << 40) + counter + i) for i, t in enumerate(targets)]
             counter += len(targets)
-            if self.min_box > 0:
+            if min_box > 0:
                 _, tgts = transform_batch(context.student, images, targets)
                 for img, t in zip(ids, tgts):
                     wh = (t["boxes"][:, 2:] - t["boxes"][:, :2]).cpu()
-                    ok = (wh[:, 0] >= self.min_box) & (wh[:, 1] >= self.min_box)
+                    ok = (wh[:, 0] >= min_box) & (wh[:, 1] >= min_box)
                     labels = t["labels"].cpu().tolist()
                     out.setdefault(img, [(j, labels[j]) for j in torch.nonzero(ok).squeeze(1).tolist()])
             else:
@@ -349,7 +381,7 @@ class PrototypeBank:
         instances whose (image, class) survives the images-per-class cap (:func:`select_images`)."""
         eligible = self._eligible(context, index)
         keep = select_images({img: [c for _, c in inst] for img, inst in eligible.items()},
-                             self.max_images_per_class, self.seed)
+                             self.opts.max_images_per_class, self.opts.seed)
         wanted = {img: [(j, c) for j, c in inst if keep is None or (img, c) in keep] for img, inst in eligible.items()}
         return {img: inst for img, inst in wanted.items() if inst}
 
@@ -406,6 +438,7 @@ class PrototypeBank:
         backbone + FPN only, eval mode, no grad)."""
         student, teacher = context.student, context.teacher
         request = TapRequest(features=True)
+        extraction, roi_size = self.opts.extraction, self.opts.roi_size
         pairs = getattr(context, "pairs", None)  # pyramids of different levels: the paired ones only
         chunks: list[dict[str, Any]] = []
         for images, targets, ids in self._batches(context, wanted, index):
@@ -433,16 +466,15 @@ class PrototypeBank:
                 s_taps = select_levels(s_taps, [j for _, j in pairs])
             chunk = {
                 "keys": torch.cat(keys), "labels": torch.cat(labels), "areas": torch.cat(areas),
-                "fs": [f.float().cpu() for f in instance_features_levels(s_taps, boxes, self.extraction,
-                                                                         self.roi_size)],
+                "fs": [f.float().cpu() for f in instance_features_levels(s_taps, boxes, extraction, roi_size)],
                 "ft": None,
             }
             if with_teacher:
                 t_taps = tap_teacher(teacher, image_list, tgts, request, None)
                 if pairs is not None:
                     t_taps = select_levels(t_taps, [i for i, _ in pairs])
-                chunk["ft"] = [f.float().cpu() for f in instance_features_levels(t_taps, boxes, self.extraction,
-                                                                                 self.roi_size)]
+                chunk["ft"] = [f.float().cpu() for f in instance_features_levels(t_taps, boxes, extraction,
+                                                                                 roi_size)]
             chunks.append(chunk)
         if not chunks:
             return {"keys": torch.zeros((0, 2), dtype=torch.int64), "labels": torch.zeros(0, dtype=torch.int64),

@@ -20,16 +20,17 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkd.distill.base import opt
 from detkd.distill.common import (
     build_adapters,
     check_pyramids,
-    check_temperature,
     graph_zero,
 )
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
-from detkd.distill.global_kd import PrototypeDistiller, PrototypeOptions
+from detkd.distill.global_kd import PrototypeDistiller
 from detkd.distill.global_terms import level_masks
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
+from detkd.distill.prototype_pool import PrototypeOptions
 from detkd.taps import TapRequest, Taps
 
 
@@ -50,12 +51,10 @@ class DeFeatProto(PrototypeDistiller):
     name = "defeat_proto"
 
     Options = DeFeatProtoOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def __init__(self, opts: DeFeatProtoOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        check_temperature(opts.temperature, "defeat_proto.options.temperature")
         self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
                                        where="defeat_proto.options.adapter")
         self.use_roi = opts.roi and arch == "faster_rcnn"
@@ -97,11 +96,6 @@ class KDProto(PrototypeDistiller):
     name = "kd_proto"
 
     Options = KDProtoOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
-
-    def __init__(self, opts: KDProtoOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        check_temperature(opts.temperature, "kd_proto.options.temperature")
 
     def request(self) -> TapRequest:
         two_stage = self.arch == "faster_rcnn"
@@ -121,7 +115,7 @@ class KDProto(PrototypeDistiller):
 
 @dataclass
 class RKDProtoOptions(PrototypeOptions):
-    weight: float = 1.0
+    weight: float = opt(1.0, ge=0)
 
 
 class RKDProto(PrototypeDistiller):
@@ -137,7 +131,6 @@ class RKDProto(PrototypeDistiller):
     name = "rkd_proto"
 
     Options = RKDProtoOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         inst, rels, _ = self.batch_sigmas(teacher, student, targets)

@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.config import ConfigError
-from detkd.distill.base import Distiller
+from detkd.distill.base import Distiller, opt
 from detkd.distill.common import graph_zero
-from detkd.taps import TapRequest, Taps, pool_boxes
+from detkd.taps import Taps, pool_boxes
 
 
 def _pair_distances(x: Tensor) -> Tensor:
@@ -83,13 +82,13 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
 @dataclass
 class RKDOptions:
-    weight: float = 1.0  # multiplies both terms
-    distance_weight: float = 25.0  # rkd_distance weight (the paper's, for classification)
-    angle_weight: float = 50.0  # rkd_angle weight; 0 drops the angle term
+    weight: float = opt(1.0, ge=0)  # multiplies both terms
+    distance_weight: float = opt(25.0, ge=0)  # rkd_distance weight (the paper's, for classification)
+    angle_weight: float = opt(50.0, ge=0)  # rkd_angle weight; 0 drops the angle term
     embedding: Literal["gap", "flatten"] = "gap"  # RoIAligned instance features: global average pooled or flat
-    pool_size: int = 7  # RoIAlign output size
+    pool_size: int = opt(7, ge=1)  # RoIAlign output size
     scope: Literal["batch", "image"] = "batch"  # relate all instances of the batch, or within each image
-    max_instances: int = 64  # a random subset of this size when a scope holds more (the angle term is cubic)
+    max_instances: int = opt(64, ge=3)  # a random subset of this size when a scope holds more (the angle term is cubic)
 
 
 class RKD(Distiller):
@@ -99,17 +98,6 @@ class RKD(Distiller):
     name = "rkd"
 
     Options = RKDOptions
-    archs = ("faster_rcnn", "retinanet", "fcos")
-
-    def __init__(self, opts: RKDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        if opts.pool_size < 1:
-            raise ConfigError(f"rkd.options.pool_size: must be >= 1, got {opts.pool_size}")
-        if opts.max_instances < 3:
-            raise ConfigError(f"rkd.options.max_instances: must be >= 3, got {opts.max_instances}")
-
-    def request(self) -> TapRequest:
-        return TapRequest(features=True)
 
     def embed(self, taps: Taps, boxes: list[Tensor]) -> Tensor:
         pooled = pool_boxes(taps, boxes, output_size=self.opts.pool_size).float()

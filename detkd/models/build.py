@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from detkd.config import ConfigError, ModelConfig
+from detkd.config import ConfigError, ModelConfig, check_model_values
 from detkd.models.torchvision_build import IMAGE_MEAN, IMAGE_STD, NUM_LEVELS, build
 from detkd.models.weights import load_backbone_weights, load_detector_weights
 from detkd.runtime.console import info
@@ -41,11 +41,8 @@ def detector_arch(model: nn.Module) -> str:
 
 
 def _check(cfg: ModelConfig) -> None:
+    check_model_values(cfg)
     if cfg.torchvision:
-        if cfg.num_classes < 1:
-            raise ConfigError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
-        if not 0 <= cfg.trainable_layers <= 5:
-            raise ConfigError(f"model.trainable_layers must be in 0..5, got {cfg.trainable_layers}")
         if cfg.anchor_sizes:
             raise ConfigError(f"model.anchor_sizes: {cfg.anchor_sizes} cannot apply to model.torchvision "
                               f"{cfg.torchvision!r}, whose anchors are torchvision's (leave anchor_sizes empty)")
@@ -59,10 +56,6 @@ def _check(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.arch: unknown detector {cfg.arch!r}")
     if cfg.backbone not in RESNETS and cfg.backbone != "mobilenet_v3_large":
         raise ConfigError(f"model.backbone: unknown backbone {cfg.backbone!r}")
-    if cfg.num_classes < 1:
-        raise ConfigError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
-    if not 0 <= cfg.trainable_layers <= 5:
-        raise ConfigError(f"model.trainable_layers must be in 0..5, got {cfg.trainable_layers}")
     if not cfg.aspect_ratios or min(cfg.aspect_ratios) <= 0:
         raise ConfigError(f"model.aspect_ratios: expected positive ratios, got {cfg.aspect_ratios}")
     if cfg.arch == "fcos" and cfg.fpn_channels % 32 != 0:
