@@ -43,7 +43,7 @@ def test_every_shipped_bench_plans_valid_runs(tmp_path):
         runs = plan_runs(cfg, methods)  # validates every run's config
         rows = {r.row for r in runs}
         if f in reused:  # FCOS teacher -> RetinaNet student, PKD against the student alone
-            assert cfg.pretrain_epochs == 0 and rows == {"teacher", "baseline", "pkd"}
+            assert cfg.pretrain_epochs == 0 and rows == {"teacher", "baseline", "pkd", "pkd_unbalanced"}
             assert {r.raw["model"]["arch"] for r in runs if r.row != "teacher"} == {"retinanet"}
             assert runs[0].raw["model"]["arch"] == "fcos"
         elif f in fixed_budget:  # the evidence benches: no warm start, the global method and its options
