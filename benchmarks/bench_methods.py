@@ -1,7 +1,7 @@
 """The method comparison of benchmarks/RESULTS.md: `detkd bench` on the fixed-budget digits protocol of both
-families (Faster R-CNN and FCOS).
+families (Faster R-CNN and FCOS) and of the cross-family pair (the FCOS teacher into a RetinaNet student).
 
-    python benchmarks/bench_methods.py                         # both digits benches, then the figures
+    python benchmarks/bench_methods.py                         # the three digits benches, then the figures
     python benchmarks/bench_methods.py configs/bench/voc_faster_rcnn.yaml   # any bench file (GPU ones too)
 
 Each bench resumes where it stopped (finished runs are skipped). When every bench has finished, its table
@@ -23,12 +23,14 @@ from machine import cpu_name  # noqa: E402
 
 from detkd.bench import BenchError, load_bench, run_bench  # noqa: E402
 
-DIGITS = ["configs/bench/digits_faster_rcnn.yaml", "configs/bench/digits_fcos.yaml"]
+# the cross-family bench last: it takes the FCOS bench's teacher
+DIGITS = ["configs/bench/digits_faster_rcnn.yaml", "configs/bench/digits_fcos.yaml",
+          "configs/bench/digits_fcos_retinanet.yaml"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("benches", nargs="*", default=DIGITS, help="bench files (default: the two digits ones)")
+    ap.add_argument("benches", nargs="*", default=DIGITS, help="bench files (default: the digits ones)")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where the bar charts are copied")
     args = ap.parse_args()
     failed = False
