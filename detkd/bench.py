@@ -118,7 +118,8 @@ def load_bench(path: str | Path, overrides: list[str] | None = None) -> tuple[Be
             raise ConfigError(f"{path}: {key}: file not found: {resolved}")
         setattr(cfg, key, str(resolved))
     if cfg.teacher_checkpoint and not Path(cfg.teacher_checkpoint).is_file():
-        raise ConfigError(f"{path}: teacher_checkpoint: file not found: {cfg.teacher_checkpoint}")
+        raise ConfigError(f"{path}: teacher_checkpoint: file not found: {cfg.teacher_checkpoint} (train that "
+                          f"teacher first, or set teacher_checkpoint= to let this bench train one with teacher_config)")
     if not cfg.seeds:
         raise ConfigError(f"{path}: seeds: give at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
