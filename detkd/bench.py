@@ -46,6 +46,7 @@ from detkd.config import (
 )
 from detkd.distill import build_distiller
 from detkd.engine.logger import read_jsonl
+from detkd.engine.pretrain import PretrainOptions, ensure_backbone_weights
 from detkd.engine.trainer import FINAL_METRICS
 from detkd.models.torchvision_build import NUM_LEVELS
 from detkd.runtime.console import info
@@ -78,6 +79,9 @@ class BenchConfig:
     finetune_overrides: list[str] = field(default_factory=list)  # key=value for the runs that start from the
     # pre-trained student (baseline and methods), e.g. a shorter warm-up for a short second phase
     output_dir: str = "runs/bench"  # runs, table, plots
+    pretrain_backbones: bool = False  # first pre-train the teacher's and the student's backbones as digit
+    # classifiers where their model.backbone_weights names a missing `detkd pretrain` file (DIR/BACKBONE.pt)
+    pretrain_options: dict[str, Any] = field(default_factory=dict)  # its options (detkd pretrain --set)
 
 
 class BenchError(RuntimeError):
@@ -330,6 +334,12 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
     if seeds:
         cfg.seeds = seeds
     runs = plan_runs(cfg, methods, only)
+    pretrain_opts = from_dict(PretrainOptions, cfg.pretrain_options, "pretrain_options")
+    if cfg.pretrain_backbones and not dry_run:
+        # the teacher's (unless a trained one is given) and the student's, before any run needs them
+        for r in ([] if runs[0].command == "eval" else [runs[0]]) + [runs[-1]]:
+            model = config_from_dict(copy.deepcopy({k: v for k, v in r.raw.items() if k != "distill"})).model
+            ensure_backbone_weights(model.backbone, model.backbone_weights, pretrain_opts)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out) if not dry_run else None  # held until this process exits

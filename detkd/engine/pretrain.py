@@ -206,3 +206,16 @@ def pretrain_backbone(backbone: str, out_dir: str | Path = DEFAULT_OUT, opts: Pr
     partial.unlink(missing_ok=True)
     info(f"pretrain {backbone}: val top-1 {history[-1]:.4f} after {opts.epochs} epochs ({seconds:.0f} s): {final}")
     return final
+
+
+def ensure_backbone_weights(backbone: str, backbone_weights: str, opts: PretrainOptions | None = None,
+                            progress: bool = True) -> bool:
+    """Pre-train ``backbone`` into ``backbone_weights`` when that file is missing and is named as
+    :func:`pretrain_backbone` names its output (``DIR/BACKBONE.pt``); the benches' ``pretrain_backbones``
+    step. Returns whether it trained. Any other value is left alone."""
+    path = Path(backbone_weights)
+    if backbone_weights == "none" or path.is_file() or path.name != f"{backbone}.pt":
+        return False
+    info(f"pretrain: {path} is missing: pre-training {backbone} as a digit classifier (detkd pretrain)")
+    pretrain_backbone(backbone, path.parent, opts, progress=progress)
+    return True
