@@ -59,11 +59,21 @@ def summarise(results: list[dict[str, Any]], rows: list[str]) -> list[dict[str, 
         gci = ci95(gains)
         entry["gain_lo"], entry["gain_hi"] = gci if gci else (None, None)
         entry["significant"] = bool(gci and (gci[0] > 0 or gci[1] < 0))
+        entry["gap_closed"] = None  # filled below, once the teacher and the baseline are known
         entry["wall_min"] = float(np.mean([x["wall_s"] for x in rs])) / 60
         entry["peak_rss_mb"] = float(max(x["peak_rss_mb"] for x in rs))
         gpu = [x["gpu_peak_mb"] for x in rs if x.get("gpu_peak_mb")]
         entry["gpu_peak_mb"] = float(max(gpu)) if gpu else None
         table.append(entry)
+    # the share of the teacher's lead over the student alone that a row's mean gain closes (1 = reaches the
+    # teacher, more passes it): the papers' way of comparing methods across pairs
+    rows_by = {e["row"]: e for e in table}
+    teacher, baseline = rows_by.get("teacher"), rows_by.get("baseline")
+    if teacher and baseline and teacher["mAP"] is not None and baseline["mAP"] is not None:
+        lead = teacher["mAP"] - baseline["mAP"]
+        for e in table:
+            if e["gain"] is not None and lead > 0:
+                e["gap_closed"] = e["gain"] / lead
     return table
 
 
@@ -96,11 +106,12 @@ def _gain_cell(e: dict[str, Any]) -> str:
 
 
 def format_markdown(table: list[dict[str, Any]], pre: int) -> str:
-    head = ["method", *METRICS, "ΔmAP [95% CI]", "min/run", "peak MB", "seeds"]
+    head = ["method", *METRICS, "ΔmAP [95% CI]", "gap closed", "min/run", "peak MB", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for e in table:
         cells = [_label(e["row"], e, pre)] + [_pm(e[m], e[m + "_std"]) for m in METRICS]
-        cells += [_gain_cell(e), f"{e['wall_min']:.1f}",
+        cells += [_gain_cell(e), "–" if e.get("gap_closed") is None else f"{100 * e['gap_closed']:.0f}%",
+                  f"{e['wall_min']:.1f}",
                   f"{e['peak_rss_mb']:.0f}" + (f" / GPU {e['gpu_peak_mb']:.0f}" if e["gpu_peak_mb"] else ""),
                   str(e["n"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -110,8 +121,8 @@ def format_markdown(table: list[dict[str, Any]], pre: int) -> str:
 def format_csv(table: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     cols = ["row", "n", "epochs"] + [c for m in METRICS for c in (m, m + "_std")]
-    cols += ["mAP_lo", "mAP_hi", "gain", "gain_std", "gain_lo", "gain_hi", "significant", "wall_min", "peak_rss_mb",
-             "gpu_peak_mb"]
+    cols += ["mAP_lo", "mAP_hi", "gain", "gain_std", "gain_lo", "gain_hi", "significant", "gap_closed", "wall_min",
+             "peak_rss_mb", "gpu_peak_mb"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for e in table:

@@ -97,13 +97,17 @@ def test_summary_statistics_by_hand():
     assert (kd["gain_lo"], kd["gain_hi"]) == (pytest.approx(0.04 - 0.12706, abs=1e-5),
                                               pytest.approx(0.04 + 0.12706, abs=1e-5))
     assert kd["significant"] is False and table["teacher"]["gain_lo"] is None
+    # the teacher leads the baseline (mean 0.32) by 0.18; kd's mean gain 0.04 closes 0.04 / 0.18 of it
+    assert kd["gap_closed"] == pytest.approx(0.04 / 0.18)
+    assert table["baseline"]["gap_closed"] is None and table["teacher"]["gap_closed"] is None
+    assert format_markdown([table["kd"]], 0).splitlines()[2].split(" | ")[8] == "22%"
 
     # three seeds, gains 0.05, 0.06, 0.07: std 0.01, half width t(df 2) 4.303 * 0.01 / sqrt(3) = 0.024843
     results = [res("baseline", s, 0.3) for s in range(3)] + [res("fgfi", s, 0.35 + 0.01 * s) for s in range(3)]
     fgfi = {e["row"]: e for e in summarise(results, ["baseline", "fgfi"])}["fgfi"]
     assert fgfi["gain_lo"] == pytest.approx(0.06 - 0.024843, abs=1e-5)
     assert fgfi["mAP_hi"] == pytest.approx(0.36 + 0.024843, abs=1e-5)
-    assert fgfi["significant"] is True
+    assert fgfi["significant"] is True and fgfi["gap_closed"] is None  # no teacher row: no gap
     assert format_markdown([fgfi], 0).splitlines()[2].split(" | ")[7] == "+0.060 [+0.035, +0.085] *"
 
 
