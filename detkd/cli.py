@@ -75,7 +75,7 @@ def cmd_data_digits(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.demo import run_demo
+    from detkd.commands.demo import run_demo
 
     run_demo(out_dir=args.out, quick=args.quick)
     return 0
@@ -83,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.export import export_student
+    from detkd.commands.export import export_student
 
     paths = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, torchscript=args.torchscript,
                            onnx=args.onnx)
@@ -102,7 +102,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.predict import predict_images
+    from detkd.commands.predict import predict_images
 
     summary = predict_images(args.model, args.inputs, args.out, score=args.score, checkpoint=args.checkpoint,
                              device=args.device, names_file=args.names, progress=not args.quiet)
@@ -114,7 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_prototypes(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.prototype_export import export_prototypes
+    from detkd.commands.prototypes import export_prototypes
     from detkd.runtime.console import result
 
     cfg = load_config(args.config, args.overrides)
@@ -125,8 +125,8 @@ def cmd_prototypes(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.detection_grids import compare_detections, parse_model_specs
-    from detkd.relations import analyze_relations
+    from detkd.commands.detections import compare_detections, parse_model_specs
+    from detkd.commands.relations import analyze_relations
 
     cfg = load_config(args.config, args.overrides)
     if args.analyze_command == "relations":

@@ -11,8 +11,7 @@ import yaml
 from PIL import Image
 
 from detkd.cli import main
-from detkd.config import ConfigError, to_dict
-from detkd.detection_grids import (
+from detkd.commands.detections import (
     FP_COLOR,
     GAP,
     GT_COLOR,
@@ -24,8 +23,7 @@ from detkd.detection_grids import (
     match_detections,
     parse_model_specs,
 )
-from detkd.models import build_detector
-from detkd.relations import (
+from detkd.commands.relations import (
     KINDS,
     RELATIONS,
     Bases,
@@ -36,6 +34,8 @@ from detkd.relations import (
     relation_discrepancy,
     relations,
 )
+from detkd.config import ConfigError, to_dict
+from detkd.models import build_detector
 from detkd.runtime.checkpoint import CheckpointError
 from tests.engine_helpers import random_global_pair, tiny_config, tiny_model
 

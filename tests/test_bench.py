@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from detkd.bench import load_bench, plan_runs
-from detkd.bench_table import format_markdown, summarise
+from detkd.bench.table import format_markdown, summarise
 from detkd.cli import main
 from detkd.config import ConfigError, to_dict
 from tests.engine_helpers import tiny_config, tiny_model
@@ -157,7 +157,7 @@ def test_failed_run_is_reported_and_blocks_its_dependants(tmp_path, capsys):
 
 
 def test_second_bench_on_the_same_folder_is_refused(tmp_path):
-    from detkd.bench import _lock
+    from detkd.bench.run import _lock
 
     held = _lock(tmp_path)
     with pytest.raises(ConfigError, match="another `detkd bench` is running"):

@@ -24,7 +24,7 @@ def test_quick_demo_runs_and_resumes(tmp_path, capsys):
 
 
 def test_story_names_each_gain():
-    from detkd.demo import story
+    from detkd.commands.demo import story
 
     table = [{"row": "teacher", "mAP": 0.5, "epochs": 4}, {"row": "baseline", "mAP": 0.25, "epochs": 3},
              {"row": "fgfi", "mAP": 0.335, "epochs": 3}, {"row": "global", "mAP": 0.24, "epochs": 3}]

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from detkd.assemble import build_models
 from detkd.config import ConfigError, MethodConfig, ModelConfig
+from detkd.engine.assemble import build_models
 from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import fit
 from detkd.models import build_detector

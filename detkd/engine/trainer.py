@@ -23,11 +23,11 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from detkd.assemble import build_models, feature_loader, resolve_device
 from detkd.config import Config, ConfigError, to_dict
 from detkd.data import build_dataset, build_loader, prepare_batch
 from detkd.data.samplers import ShardSampler, SkipSampler
 from detkd.distill.base import DistillContext
+from detkd.engine.assemble import build_models, feature_loader, resolve_device
 from detkd.engine.evaluate import evaluate_model, shutdown_workers
 from detkd.engine.logger import Progress, RunLogger
 from detkd.engine.schedule import build_optimizer, build_scheduler
@@ -312,7 +312,7 @@ def _seed_and_fix_threads(cfg: Config) -> None:
 
 
 def _set_up(cfg: Config, out: Path, device: torch.device, progress: bool) -> Run:
-    """Loaders, models (the student first: see :func:`detkd.assemble.build_models`), optimizer, schedule."""
+    """Loaders, models (the student first: see :func:`detkd.engine.assemble.build_models`), optimizer, schedule."""
     train_set, val_set, train_loader, val_loader, train_sampler = _make_loaders(cfg)
     _, teacher, step = build_models(cfg, device)
     coco_gt = val_set.coco_gt()

@@ -15,7 +15,6 @@ from detkd.data import build_dataset, build_loader
 from detkd.data.samplers import ShardSampler
 from detkd.distill import build_distiller
 from detkd.engine.step import DistillStep
-from detkd.head_walk import head_depth
 from detkd.models import (
     build_detector,
     check_pair,
@@ -28,6 +27,7 @@ from detkd.models.weights import check_checkpoint_fits
 from detkd.runtime import dist
 from detkd.runtime.checkpoint import CheckpointError
 from detkd.runtime.console import info
+from detkd.taps.head_walk import head_depth
 
 
 def resolve_device(name: str, timeout_s: int = 600) -> torch.device:

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from detkd.bench_table import format_csv, format_markdown, plot_bars, summarise
+from detkd.bench.table import format_csv, format_markdown, plot_bars, summarise
 from detkd.config import (
     ConfigError,
     MethodConfig,

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from detkd.assemble import feature_loader, load_student, load_teacher, resolve_device
 from detkd.config import Config, ConfigError, to_dict
 from detkd.distill import REGISTRY, build_distiller
 from detkd.distill.base import DistillContext
 from detkd.distill.global_kd import PrototypeDistiller
+from detkd.engine.assemble import feature_loader, load_student, load_teacher, resolve_device
 from detkd.models import paired_channels, pyramid_levels
 from detkd.runtime import dist
 from detkd.runtime.console import info

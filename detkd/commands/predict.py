@@ -22,11 +22,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from detkd.commands.detections import draw_detections
+from detkd.commands.export import pick_checkpoint
 from detkd.config import ConfigError, ModelConfig, from_dict
 from detkd.data import scale_image
-from detkd.detection_grids import draw_detections
 from detkd.engine.logger import Progress
-from detkd.export import pick_checkpoint
 from detkd.models import build_detector
 from detkd.models.weights import is_weights_name
 from detkd.runtime.checkpoint import CheckpointError, load_checkpoint

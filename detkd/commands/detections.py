@@ -21,11 +21,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from detkd.assemble import load_student, load_teacher, resolve_device
+from detkd.commands.prototypes import label_font
 from detkd.config import Config, ConfigError
 from detkd.data import build_dataset, build_loader
+from detkd.engine.assemble import load_student, load_teacher, resolve_device
 from detkd.engine.evaluate import predict
-from detkd.prototype_export import label_font
 from detkd.runtime.checkpoint import CheckpointError
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
