@@ -20,6 +20,7 @@ from detkd.config import (
     parse_value,
     shipped_configs,
 )
+from detkd.errors import BenchError, CheckpointError, DataError, RunStopped
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.engine.trainer import evaluate_checkpoint
+    from detkd.engine.evaluate import evaluate_checkpoint
     from detkd.evaluation import format_metrics
     from detkd.runtime.console import result
     from detkd.runtime.dist import is_main
@@ -280,29 +281,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # lazy: torch start-up (module docstring)
-    from detkd.runtime.checkpoint import CheckpointError
-
-    known: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
-    try:
-        # lazy: torch start-up (module docstring)
-        from detkd.data import DataError
-
-        known = (*known, DataError)
-    except ImportError:
-        pass
     try:
         return args.func(args)
-    except known as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"detkd: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        # lazy: torch start-up (module docstring)
-        from detkd.bench import BenchError
-        from detkd.engine.trainer import RunStopped  # non-finite losses, a failed DDP collective
-
-        if not isinstance(e, (RunStopped, BenchError)):
-            raise
+    except (RunStopped, BenchError) as e:  # non-finite losses, a failed DDP collective, a failed bench run
         print(f"detkd: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

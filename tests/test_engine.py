@@ -15,8 +15,9 @@ import yaml
 
 from detkd.cli import main
 from detkd.config import ConfigError, MethodConfig, to_dict
+from detkd.engine.evaluate import evaluate_checkpoint
 from detkd.engine.logger import read_jsonl
-from detkd.engine.trainer import DistillStep, NonFiniteLossError, evaluate_checkpoint, fit
+from detkd.engine.trainer import DistillStep, NonFiniteLossError, fit
 from detkd.models import build_detector
 from detkd.runtime.checkpoint import load_checkpoint, save_checkpoint
 from tests.engine_helpers import free_port, tiny_config, tiny_model, with_distill

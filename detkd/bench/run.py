@@ -46,8 +46,9 @@ from detkd.config import (
 )
 from detkd.distill import build_distiller
 from detkd.engine.logger import read_jsonl
-from detkd.engine.trainer import FINAL_METRICS
+from detkd.errors import BenchError
 from detkd.models.torchvision_build import NUM_LEVELS
+from detkd.runtime.checkpoint import FINAL_METRICS
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
 
@@ -78,10 +79,6 @@ class BenchConfig:
     finetune_overrides: list[str] = field(default_factory=list)  # key=value for the runs that start from the
     # pre-trained student (baseline and methods), e.g. a shorter warm-up for a short second phase
     output_dir: str = "runs/bench"  # runs, table, plots
-
-
-class BenchError(RuntimeError):
-    """A run of the bench failed; its log names the cause."""
 
 
 @dataclass

@@ -21,23 +21,20 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from detkd.commands.prototypes import label_font
 from detkd.config import Config, ConfigError
 from detkd.data import build_dataset, build_loader
 from detkd.engine.assemble import load_student, load_teacher, resolve_device
-from detkd.engine.evaluate import predict
+from detkd.engine.evaluate import detect
 from detkd.runtime.checkpoint import CheckpointError
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
+from detkd.viz.draw import FP_COLOR, GT_COLOR, TP_COLOR, draw_detections, label_font
 
 CELL = 256  # px of a grid cell (the image's longer side is scaled to it)
 GAP = 6  # px between cells
 HEADER_H = 24  # px of the column-label band
 GRID_BACKGROUND = (255, 255, 255)
 CELL_BACKGROUND = (235, 235, 235)
-TP_COLOR = (0, 170, 0)
-FP_COLOR = (230, 0, 0)
-GT_COLOR = (0, 90, 255)
 IOU_MATCH = 0.5
 
 
@@ -99,39 +96,6 @@ def match_detections(boxes: Tensor, labels: Tensor, scores: Tensor, gt_boxes: Te
             taken[best] = True
             hit[j] = True
     return hit
-
-
-def draw_detections(
-    image: Image.Image,
-    boxes: Tensor,
-    labels: Tensor,
-    scores: Tensor | None = None,
-    *,
-    class_names: dict[int, str] | None = None,
-    colors: Sequence[tuple[int, int, int]] | None = None,
-    scale: float = 1.0,
-    width: int = 2,
-) -> Image.Image:
-    """A copy of ``image`` with ``boxes`` (M, 4) xyxy (times ``scale``) outlined, each labelled with its class
-    name (``class_names`` id -> name, else the id) and, when given, score. ``colors``: one RGB per box
-    (default red)."""
-    out = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(out)
-    font = label_font(11)
-    names = class_names or {}
-    for j, (box, lab) in enumerate(zip(boxes.tolist(), labels.tolist())):
-        color = tuple(colors[j]) if colors is not None else FP_COLOR
-        x0, y0, x1, y1 = (v * scale for v in box)
-        draw.rectangle((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)), outline=color, width=width)
-        text = names.get(int(lab), str(int(lab)))
-        if scores is not None:
-            text = f"{text} {float(scores[j]):.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left, bottom - top
-        ty = y0 - th - 3 if y0 - th - 3 >= 0 else y0 + 1
-        draw.rectangle((x0, ty, x0 + tw + 4, ty + th + 3), fill=color)
-        draw.text((x0 + 2 - left, ty + 1 - top), text, fill=(255, 255, 255), font=font)
-    return out
 
 
 def fit_to_cell(image: Image.Image, cell: int = CELL) -> tuple[Image.Image, float]:
@@ -252,7 +216,7 @@ def compare_detections(
             continue
         info(f"detections: {label} on {len(chosen)} validation images")
         loader = build_loader(val, cfg.data.batch_size, 0, shuffle=False, sampler=chosen)
-        dets = predict(model.to(device), loader, device, progress=False)
+        dets = detect(model.to(device), loader, device, progress=False)
         model.cpu()
         found: dict[int, dict[str, Tensor]] = {}
         for img in image_ids:

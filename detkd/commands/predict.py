@@ -22,15 +22,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from detkd.commands.detections import draw_detections
-from detkd.commands.export import pick_checkpoint
 from detkd.config import ConfigError, ModelConfig, from_dict
 from detkd.data import scale_image
 from detkd.engine.logger import Progress
 from detkd.models import build_detector
 from detkd.models.weights import is_weights_name
-from detkd.runtime.checkpoint import CheckpointError, load_checkpoint
+from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, pick_checkpoint
 from detkd.runtime.console import info
+from detkd.viz.draw import draw_detections
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 RESULTS = "detections.json"

@@ -27,17 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from detkd.config import Config, ConfigError, to_dict
-from detkd.distill import REGISTRY, build_distiller
+from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
-from detkd.distill.global_kd import PrototypeDistiller
-from detkd.engine.assemble import feature_loader, load_student, load_teacher, resolve_device
+from detkd.engine.assemble import feature_loader, load_student, load_teacher, prototype_method, resolve_device
 from detkd.models import paired_channels, pyramid_levels
 from detkd.runtime import dist
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
+from detkd.viz.draw import label_font
 
 CELL = 96  # px of one gallery crop (its longer side)
 GAP = 4  # px between cells
@@ -49,15 +49,6 @@ BACKGROUND = (255, 255, 255)
 
 # ----------------------------------------------------------------------------------------------------------
 # Models and the bank
-
-
-def prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
-    """(name, options) of the first method of the run that uses a prototype bank, else ``global``'s defaults."""
-    for m in cfg.distill.methods:
-        cls = REGISTRY.get(m.name)
-        if cls is not None and issubclass(cls, PrototypeDistiller):
-            return m.name, dict(m.options)
-    return "global", {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,13 +74,6 @@ def instance_table(coco_gt: dict[str, Any]) -> tuple[dict[int, str], dict[tuple[
 
 # ----------------------------------------------------------------------------------------------------------
 # Gallery
-
-
-def label_font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no size argument
-        return ImageFont.load_default()
 
 
 def crop_instance(path: str, box: list[float], cell: int = CELL) -> Image.Image:

@@ -54,13 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.commands.prototypes import prototype_method
 from detkd.config import Config, ConfigError, to_dict
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
 from detkd.distill.pgm import project
 from detkd.distill.prototypes import generate, kmeans
-from detkd.engine.assemble import feature_loader, load_student, load_teacher, resolve_device
+from detkd.engine.assemble import feature_loader, load_student, load_teacher, prototype_method, resolve_device
 from detkd.models import paired_channels, pyramid_levels
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
@@ -316,7 +315,7 @@ def analyze_relations(
     the JSON summary. ``k`` (bases per class; default the run's prototype ``k``) and ``images`` (images per
     class in the instance pool; default the run's ``max_images_per_class``) override the run's options; the
     other options (``lam``, ``normalize``, PGM options, extraction, ``min_box``) are the run's prototype
-    method's (:func:`detkd.commands.prototypes.prototype_method`)."""
+    method's (:func:`detkd.engine.assemble.prototype_method`)."""
     t0 = time.perf_counter()
     if cfg.distill is None:
         raise ConfigError("the config has no distill section: `detkd analyze relations` needs a distillation "
