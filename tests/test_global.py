@@ -22,8 +22,8 @@ import torch
 from detkd.config import ConfigError
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
-from detkd.distill.global_terms import cosine_all_terms, cosine_max_sigma, paper_global_terms, paper_sigma
-from detkd.distill.pgm import project
+from detkd.distill.global_kd.pgm import project
+from detkd.distill.global_kd.terms import cosine_all_terms, cosine_max_sigma, paper_global_terms, paper_sigma
 from detkd.taps import Taps
 
 PT = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

@@ -2,7 +2,7 @@
 
 The selection is the training one: the prototype bank of the run's first prototype method (``global``,
 ``defeat_proto``, ``kd_proto``, ``rkd_proto``; ``global`` with default options when the run has none)
-is refreshed exactly as before an epoch (:meth:`detkd.distill.prototype_pool.PrototypeBank.refresh` on the
+is refreshed exactly as before an epoch (:meth:`detkd.distill.global_kd.pool.PrototypeBank.refresh` on the
 non-augmented training loader), with the teacher of ``distill.teacher_checkpoint`` and the student of
 ``--checkpoint``. Written to ``OUT``:
 

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from detkd.data import kept_boxes
 from detkd.distill.base import opt
-from detkd.distill.pgm import select_prototypes
-from detkd.distill.prototypes import EXTRACTIONS, GENERATORS, Prototypes, generate, instance_features_levels
+from detkd.distill.global_kd.pgm import select_prototypes
+from detkd.distill.global_kd.prototypes import EXTRACTIONS, GENERATORS, Prototypes, generate, instance_features_levels
 from detkd.runtime.dist import all_gather_cat, all_gather_objects, is_main, rank, world_size
 from detkd.taps import TapRequest, select_levels, tap_teacher, transform_batch
 

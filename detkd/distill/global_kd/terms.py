@@ -1,7 +1,7 @@
 """The global method's per-batch pieces (Tang et al., "Distilling Object Detectors with Global Knowledge",
 ECCV 2022): a batch's instances and their relations to the prototypes (Eq. 5), sigma (Eq. 8), the L_global
-terms (Eq. 6) and the feature masks of L_local_feat (Eq. 7). :mod:`detkd.distill.global_kd` documents the
-decisions; this module holds the math it and :mod:`detkd.distill.prototype_variants` share."""
+terms (Eq. 6) and the feature masks of L_local_feat (Eq. 7). :mod:`detkd.distill.global_kd.distiller` documents the
+decisions; this module holds the math it and :mod:`detkd.distill.global_kd.variants` share."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from detkd.distill.common import (
     box_cell_ranges,
     weighted_box_mask,
 )
-from detkd.distill.prototypes import Prototypes
+from detkd.distill.global_kd.prototypes import Prototypes
 from detkd.taps import Taps
 
 
@@ -41,7 +41,7 @@ class Instances:
 class LevelRelations:
     """One pyramid level: pooled instance features and the Eq. 5 coordinates of the M instances whose class
     has prototypes, all classes together (zero beyond a row's own K_c, see
-    :func:`detkd.distill.pgm.project_grouped`).
+    :func:`detkd.distill.global_kd.pgm.project_grouped`).
 
     ``groups`` splits the coordinates per class, in ascending class order: (instance indices,
     Lambda^t (n, K_c), Lambda^s (n, K_c), prototypes).

@@ -4,7 +4,7 @@ https://arxiv.org/abs/2210.09022, Table 4).
 
 They call the terms of :mod:`detkd.distill.defeat` / :mod:`detkd.distill.kd` (same normalisations and
 defaults) with the prototype-based weights (sigma, Eq. 8); RKD's relation is replaced. The prototype bank
-and its refresh are :class:`detkd.distill.global_kd.PrototypeDistiller`'s.
+and its refresh are :class:`detkd.distill.global_kd.distiller.PrototypeDistiller`'s.
 
 The paper describes these variants in words only (Sec. 4.2: sigma of Eq. 8 as the distilling weight for
 DeFeat and vanilla KD, projection on the prototypes (Eq. 5 coordinates) as RKD's relation; details in its
@@ -27,10 +27,10 @@ from detkd.distill.common import (
     graph_zero,
 )
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
-from detkd.distill.global_kd import PrototypeDistiller
-from detkd.distill.global_terms import level_masks
+from detkd.distill.global_kd.distiller import PrototypeDistiller
+from detkd.distill.global_kd.pool import PrototypeOptions
+from detkd.distill.global_kd.terms import level_masks
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
-from detkd.distill.prototype_pool import PrototypeOptions
 from detkd.taps import TapRequest, Taps
 
 

@@ -2,14 +2,14 @@
 https://arxiv.org/abs/2210.09022):
 the robust distillation module (RDM, Eq. 6-9) on prototypes chosen by PGM (Alg. 1), refreshed every
 ``refresh_every`` epochs (Alg. 2). The Table 4 "+prototypes" variants of DeFeat, vanilla KD and RKD build on
-:class:`PrototypeDistiller` in :mod:`detkd.distill.prototype_variants`.
+:class:`PrototypeDistiller` in :mod:`detkd.distill.global_kd.variants`.
 
 Registered name: ``global``.
 
 Per training batch, every instance (a ground-truth box by default) is pooled on every pyramid level
-(:func:`detkd.distill.prototypes.instance_features`), in both detectors. On level l an instance of class c
+(:func:`detkd.distill.global_kd.prototypes.instance_features`), in both detectors. On level l an instance of class c
 is projected on that class's level-l prototypes, in each space, by the sequential coupled coefficients of
-Eq. 5 (:func:`detkd.distill.pgm.project_grouped`: all classes of a level in one call): Lambda^t, Lambda^s
+Eq. 5 (:func:`detkd.distill.global_kd.pgm.project_grouped`: all classes of a level in one call): Lambda^t, Lambda^s
 (K_c,). The teacher side and the prototypes are constants; gradients reach the student through its instance
 features (and the adapters).
 
@@ -89,7 +89,10 @@ from detkd.distill.common import (
     graph_zero,
     imitation_mask_batch,
 )
-from detkd.distill.global_terms import (
+from detkd.distill.global_kd.pgm import project, project_grouped
+from detkd.distill.global_kd.pool import PrototypeBank, PrototypeOptions
+from detkd.distill.global_kd.prototypes import Prototypes, instance_features_levels
+from detkd.distill.global_kd.terms import (
     Instances,
     LevelRelations,
     authors_decoupled_terms,
@@ -101,9 +104,6 @@ from detkd.distill.global_terms import (
     paper_sigma,
 )
 from detkd.distill.kd import dense_kd, roi_kd
-from detkd.distill.pgm import project, project_grouped
-from detkd.distill.prototype_pool import PrototypeBank, PrototypeOptions
-from detkd.distill.prototypes import Prototypes, instance_features_levels
 from detkd.runtime.faults import fault_point
 from detkd.taps import TapRequest, Taps, box_levels, pool_boxes, pool_levels
 
@@ -239,7 +239,7 @@ class PrototypeDistiller(Distiller):
     def level_stack(self, level: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor,
                                                                    list[Prototypes]] | None:
         """The prototypes of every class on ``level`` as zero-padded stacks for
-        :func:`detkd.distill.pgm.project_grouped`: (slot (max class + 1,) int64, -1 for a class without
+        :func:`detkd.distill.global_kd.pgm.project_grouped`: (slot (max class + 1,) int64, -1 for a class without
         prototypes; teacher (C, K, Dt); student (C, K, Ds); K_c (C,) float; the C :class:`Prototypes` in
         slot order, which is ascending class order).
 
@@ -270,7 +270,7 @@ class PrototypeDistiller(Distiller):
 
     def relations(self, teacher: Taps, student: Taps, inst: Instances) -> list[LevelRelations]:
         """Per level: pooled features and Eq. 5 coordinates of every instance whose class has prototypes,
-        all classes of a level in one :func:`~detkd.distill.pgm.project_grouped` call."""
+        all classes of a level in one :func:`~detkd.distill.global_kd.pgm.project_grouped` call."""
         opts = self.opts
         out = []
         device = student.features[0].device

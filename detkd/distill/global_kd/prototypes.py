@@ -17,7 +17,7 @@ Decisions this module makes (the paper leaves them open):
   ends included, so a box whose right / bottom edge falls on a stride multiple also takes the next column /
   row (clipped to the map).
 
-The prototype pool (which instances, extracted where, gathered how) is :mod:`detkd.distill.prototype_pool`.
+The prototype pool (which instances, extracted where, gathered how) is :mod:`detkd.distill.global_kd.pool`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from detkd.distill.common import box_cell_ranges
-from detkd.distill.pgm import select_prototypes
+from detkd.distill.global_kd.pgm import select_prototypes
 from detkd.taps import Taps, pool_boxes
 
 GENERATORS = (
@@ -214,7 +214,7 @@ def generate(
 ) -> Tensor:
     """Indices (K',) int64 of the prototypes among N paired instances (``feat_t`` (N, Dt), ``feat_s`` (N, Ds)).
 
-    - ``pgm``: Alg. 1 (:func:`detkd.distill.pgm.select_prototypes`, ``lam`` and ``pgm_opts`` passed on);
+    - ``pgm``: Alg. 1 (:func:`detkd.distill.global_kd.pgm.select_prototypes`, ``lam`` and ``pgm_opts`` passed on);
     - ``kmeans_teacher`` / ``kmeans_student``: K-means in one space, then the instance nearest each centre;
     - ``dbscan_teacher`` / ``dbscan_student``: DBSCAN in one space, the instance nearest each cluster's
       mean, largest clusters first, at most K (fewer when there are fewer clusters);
