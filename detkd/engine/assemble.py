@@ -15,7 +15,7 @@ from detkd.config import Config, ConfigError, ModelConfig
 from detkd.data import build_dataset, build_loader
 from detkd.data.samplers import ShardSampler
 from detkd.distill import REGISTRY, build_distiller
-from detkd.distill.global_kd.distiller import PrototypeDistiller
+from detkd.distill.global_kd.base import PrototypeDistiller
 from detkd.engine.step import DistillStep
 from detkd.models import (
     build_detector,

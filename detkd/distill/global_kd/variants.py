@@ -27,7 +27,7 @@ from detkd.distill.common import (
     graph_zero,
 )
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
-from detkd.distill.global_kd.distiller import PrototypeDistiller
+from detkd.distill.global_kd.base import PrototypeDistiller
 from detkd.distill.global_kd.pool import PrototypeOptions
 from detkd.distill.global_kd.terms import level_masks
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
