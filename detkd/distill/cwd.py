@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkd.distill.adapters import level_adapters
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import check_levels, level_adapters
+from detkd.distill.checks import check_levels
 from detkd.taps import Taps
 
 

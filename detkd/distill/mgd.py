@@ -40,8 +40,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from detkd.distill.adapters import level_adapters
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import check_levels, level_adapters
+from detkd.distill.checks import check_levels
 from detkd.runtime import dist
 from detkd.taps import Taps
 

@@ -44,8 +44,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from detkd.distill.adapters import level_adapters
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import check_levels, level_adapters
+from detkd.distill.checks import check_levels
+from detkd.distill.losses import standardize
 from detkd.taps import Taps
 
 
@@ -58,26 +60,6 @@ class PKDOptions:
     adapter: Literal["auto", "conv1x1", "conv3x3", "identity"] = "auto"  # maps student to teacher width;
     # auto: a 1x1 conv only where the widths differ
     levels: list[int] = opt(factory=list, ge=0)  # pyramid indices; empty = all but Faster R-CNN 'pool'
-
-
-def standardize(x: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:
-    """(N, C, H, W) -> the same shape, each channel at zero mean and unit variance.
-
-    ``instance``: statistics over H x W per image and channel, population variance (divide by H W).
-    ``batch``: statistics over N x H x W per channel, Bessel-corrected (divide by N H W - 1; by N H W when
-    that is 1), as the authors' code. Both divide by ``sqrt(var + eps^2)``."""
-    x = x.float()
-    dims = (2, 3) if stats == "instance" else (0, 2, 3)
-    count = 1
-    for d in dims:
-        count *= x.shape[d]
-    correction = 1 if (stats == "batch" and count > 1) else 0
-    mean = x.mean(dim=dims, keepdim=True)
-    # eps inside the root: sqrt has an infinite slope at 0, so a 1x1 level would send a NaN gradient through
-    # std + eps; sqrt(var + eps^2) gives it 0 and a zero gradient instead (a constant channel over several
-    # positions still gets a finite gradient of order 1/eps, as with the authors' std + eps)
-    std = (x.var(dim=dims, keepdim=True, correction=correction) + eps * eps).sqrt()
-    return (x - mean) / std
 
 
 def pkd_loss(student: Tensor, teacher: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:

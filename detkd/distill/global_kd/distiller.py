@@ -80,13 +80,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from detkd.distill.adapters import build_adapters
 from detkd.distill.base import opt, range_error
-from detkd.distill.common import (
-    build_adapters,
-    check_pyramids,
-    graph_zero,
-    imitation_mask_batch,
-)
+from detkd.distill.checks import check_pyramids
 from detkd.distill.global_kd.base import PrototypeDistiller
 from detkd.distill.global_kd.pool import PrototypeOptions
 from detkd.distill.global_kd.terms import (
@@ -98,6 +94,8 @@ from detkd.distill.global_kd.terms import (
     paper_global_level,
 )
 from detkd.distill.kd import dense_kd, roi_kd
+from detkd.distill.losses import graph_zero
+from detkd.distill.masks import imitation_mask_batch
 from detkd.taps import TapRequest, Taps
 
 

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from detkd.distill.common import box_cell_ranges
 from detkd.distill.global_kd.pgm import select_prototypes
+from detkd.distill.masks import box_cell_ranges
 from detkd.taps import Taps, pool_boxes
 
 GENERATORS = (
@@ -53,7 +53,7 @@ EXTRACTIONS = ("roi_align", "crop_mean", "crop_mean_inclusive")
 def _crop_mean(feature: Tensor, boxes: Tensor, image_index: Tensor, stride: float,
                inclusive: bool = False) -> Tensor:
     """Mean of the cells a box covers on one map (N, C, H, W): the cells of
-    :func:`detkd.distill.common.box_cell_ranges` (start floored, end ceiled, >= 1 cell), or with ``inclusive``
+    :func:`detkd.distill.masks.box_cell_ranges` (start floored, end ceiled, >= 1 cell), or with ``inclusive``
     the authors' int(x1 / s) .. int(x2 / s) + 1 (exclusive end) clipped to the map, >= 1 cell."""
     h, w = feature.shape[-2:]
     if inclusive:  # int() truncates like the authors' int(abs(x) / s); boxes are non-negative here

@@ -11,11 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.distill.common import (
-    box_cell_ranges,
-    weighted_box_mask,
-)
 from detkd.distill.global_kd.prototypes import Prototypes
+from detkd.distill.masks import box_cell_ranges, weighted_box_mask
 from detkd.taps import Taps
 
 
@@ -124,7 +121,7 @@ def ordered_box_mask(boxes: Tensor, weights: Tensor, height: int, width: int, st
                      cell_range: str = "cover", mask_rule: str = "max") -> tuple[Tensor, Tensor]:
     """(height, width) map of per-box ``weights`` (M,) on one level, and the (height, width) bool cells written.
 
-    ``cell_range``: ``cover`` = :func:`detkd.distill.common.box_cell_ranges` (floor start, ceil end, >= 1
+    ``cell_range``: ``cover`` = :func:`detkd.distill.masks.box_cell_ranges` (floor start, ceil end, >= 1
     cell); ``floor`` (authors' code) = columns int(x1 / s) .. int(x2 / s) - 1 clipped to the map (a box
     whose edge falls on a stride multiple does not reach the next cell), rows likewise; a box with no
     column or no row in that range marks the single cell (int(y1 / s), int(x1 / s)).

@@ -20,17 +20,15 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkd.distill.adapters import build_adapters
 from detkd.distill.base import opt
-from detkd.distill.common import (
-    build_adapters,
-    check_pyramids,
-    graph_zero,
-)
+from detkd.distill.checks import check_pyramids
 from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
 from detkd.distill.global_kd.base import PrototypeDistiller
 from detkd.distill.global_kd.pool import PrototypeOptions
 from detkd.distill.global_kd.terms import level_masks
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
+from detkd.distill.losses import graph_zero
 from detkd.taps import TapRequest, Taps
 
 
