@@ -35,14 +35,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.distill.adapters import level_adapters
-from detkd.distill.base import Distiller, opt
-from detkd.distill.checks import check_levels
-from detkd.taps import Taps
+from detkd.distill.base import opt
+from detkd.distill.levelwise import LevelwiseDistiller
 
 
 @dataclass
@@ -66,22 +63,13 @@ def channel_kl(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
     return kl * tau**2 / (n * c)
 
 
-class CWD(Distiller):
+class CWD(LevelwiseDistiller):
     """``cwd_feat = weight * sum_l L_cwd(adapter_l(S_l), T_l)``: per-channel spatial distributions (KL)."""
 
     name = "cwd"
+    loss_name = "cwd_feat"
 
     Options = CWDOptions
 
-    def __init__(self, opts: CWDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        self.levels, self.adapters = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels,
-                                                    arch, "cwd")
-
-    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        check_levels(self.levels, teacher, student, "cwd")
-        losses = [
-            channel_kl(adapter(student.features[i]), teacher.features[i], self.opts.tau)
-            for adapter, i in zip(self.adapters, self.levels)
-        ]
-        return {"cwd_feat": self.opts.weight * torch.stack(losses).sum()}
+    def level_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return channel_kl(student, teacher, self.opts.tau)

@@ -41,14 +41,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import Tensor
 
-from detkd.distill.adapters import level_adapters
-from detkd.distill.base import Distiller, opt
-from detkd.distill.checks import check_levels
+from detkd.distill.base import opt
+from detkd.distill.levelwise import LevelwiseDistiller
 from detkd.distill.losses import standardize
-from detkd.taps import Taps
 
 
 @dataclass
@@ -70,22 +67,13 @@ def pkd_loss(student: Tensor, teacher: Tensor, stats: str = "instance", eps: flo
     return 0.5 * ((s - t) ** 2).mean()
 
 
-class PKD(Distiller):
+class PKD(LevelwiseDistiller):
     """``pkd_feat = weight * sum_l 1/2 MSE(standardise(adapter_l(S_l)), standardise(T_l))`` over the levels l."""
 
     name = "pkd"
+    loss_name = "pkd_feat"
 
     Options = PKDOptions
 
-    def __init__(self, opts: PKDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        self.levels, self.adapters = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels,
-                                                    arch, "pkd")
-
-    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        check_levels(self.levels, teacher, student, "pkd")
-        losses = [
-            pkd_loss(adapter(student.features[i]), teacher.features[i], self.opts.stats, self.opts.eps)
-            for adapter, i in zip(self.adapters, self.levels)
-        ]
-        return {"pkd_feat": self.opts.weight * torch.stack(losses).sum()}
+    def level_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return pkd_loss(student, teacher, self.opts.stats, self.opts.eps)
