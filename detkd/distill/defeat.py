@@ -103,6 +103,18 @@ def decoupled_roi_kd(teacher: Taps, student: Taps, temperature: float, method: s
     return fg, bg
 
 
+def defeat_setup(opts: DeFeatOptions, teacher_channels: list[int], student_channels: list[int], arch: str,
+                 method: str) -> tuple[nn.ModuleList, bool]:
+    """DeFeat's set-up, shared with ``defeat_proto``: one adapter per level, and whether the RoI terms run
+    (``roi`` and a Faster R-CNN student)."""
+    adapters = build_adapters(student_channels, teacher_channels, opts.adapter, where=f"{method}.options.adapter")
+    return adapters, opts.roi and arch == "faster_rcnn"
+
+
+def defeat_request(use_roi: bool) -> TapRequest:
+    return TapRequest(features=True, roi_outputs=use_roi)
+
+
 class DeFeat(Distiller):
     """Decoupled foreground / background feature imitation, plus decoupled RoI KD on Faster R-CNN (parts 1
     and 2 of the module docstring)."""
@@ -114,12 +126,10 @@ class DeFeat(Distiller):
     def __init__(self, opts: DeFeatOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
-                                       where="defeat.options.adapter")
-        self.use_roi = opts.roi and arch == "faster_rcnn"
+        self.adapters, self.use_roi = defeat_setup(opts, teacher_channels, student_channels, arch, self.name)
 
     def request(self) -> TapRequest:
-        return TapRequest(features=True, roi_outputs=self.use_roi)
+        return defeat_request(self.use_roi)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_pyramids(teacher, student, "defeat")

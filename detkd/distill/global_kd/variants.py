@@ -20,10 +20,15 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.distill.adapters import build_adapters
 from detkd.distill.base import opt
 from detkd.distill.checks import check_pyramids
-from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
+from detkd.distill.defeat import (
+    DeFeatOptions,
+    decoupled_feature_loss,
+    decoupled_roi_kd,
+    defeat_request,
+    defeat_setup,
+)
 from detkd.distill.global_kd.base import PrototypeDistiller
 from detkd.distill.global_kd.pool import PrototypeOptions
 from detkd.distill.global_kd.terms import level_masks
@@ -53,12 +58,10 @@ class DeFeatProto(PrototypeDistiller):
     def __init__(self, opts: DeFeatProtoOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
-                                       where="defeat_proto.options.adapter")
-        self.use_roi = opts.roi and arch == "faster_rcnn"
+        self.adapters, self.use_roi = defeat_setup(opts, teacher_channels, student_channels, arch, self.name)
 
     def request(self) -> TapRequest:
-        return TapRequest(features=True, roi_outputs=self.use_roi)
+        return defeat_request(self.use_roi)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_pyramids(teacher, student, "defeat_proto")
