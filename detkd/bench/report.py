@@ -73,10 +73,11 @@ def write_report(out: Path, runs: list[BenchRun], cfg: BenchConfig) -> dict[str,
 
 def plot_curves(out: Path, runs: list[BenchRun], path: Path) -> None:
     """Training loss (per logged window) and evaluated mAP of every run, one colour per row."""
+    # matplotlib only when a plot is drawn (slow to import), its file backend chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use
 
     rows = _row_order(runs)
     cmap = plt.get_cmap("tab20")

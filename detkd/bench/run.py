@@ -3,6 +3,7 @@ skipped when finished; the report rewritten after every run."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -141,8 +142,6 @@ def _check_unchanged(finished: list[BenchRun], out: Path) -> None:
 
 def _lock(out: Path):
     """An exclusive lock on the bench folder: two benches writing the same runs would corrupt them."""
-    import fcntl
-
     f = (out / ".lock").open("w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from detkd.config import Config, ConfigError
 from detkd.data import build_dataset, build_loader
@@ -81,8 +82,6 @@ def match_detections(boxes: Tensor, labels: Tensor, scores: Tensor, gt_boxes: Te
                      iou: float = IOU_MATCH) -> Tensor:
     """(M,) bool: detection j matches a ground-truth box of its class with IoU >= ``iou`` not matched by a
     higher-scoring detection (greedy, highest score first, as in COCO / VOC evaluation)."""
-    from torchvision.ops import box_iou
-
     hit = torch.zeros(boxes.shape[0], dtype=torch.bool)
     if boxes.shape[0] == 0 or gt_boxes.shape[0] == 0:
         return hit

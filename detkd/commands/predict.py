@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
@@ -110,8 +111,6 @@ def class_names_for(cfg: ModelConfig, names_file: str | None = None) -> dict[int
         return {i + 1: name for i, name in enumerate(lines)}
 
     if is_weights_name(cfg.weights):
-        import torchvision
-
         try:
             cats = torchvision.models.get_weight(cfg.weights).meta.get("categories", [])
         except (ValueError, KeyError, AttributeError):

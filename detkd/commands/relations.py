@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -264,12 +265,11 @@ def summarize(result: RelationResult, level_names: Sequence[str] | None = None) 
 def plot_relation_histograms(result: RelationResult, path: str | Path, title: str = "", bins: int = 40) -> Path:
     """PNG with one panel per relation: the discrepancy histograms of the three kinds overlaid (shared bins up
     to the 99.5th percentile of all values; larger values go to the last bin), means in the legend."""
+    # matplotlib only when a plot is drawn (slow to import), its file backend chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    import matplotlib.pyplot as plt  # after matplotlib.use
     rels = list(result.values)
     fig, axes = plt.subplots(1, len(rels), figsize=(6.0 * len(rels), 4.2), squeeze=False)
     for ax, r in zip(axes[0], rels):
