@@ -16,9 +16,10 @@ def build_adapters(student_channels: list[int], teacher_channels: list[int], kin
                    relu: bool = False, where: str = "adapter") -> nn.ModuleList:
     """One adapter per pyramid level mapping student channels to teacher channels.
 
-    ``kind``: ``conv1x1`` / ``conv3x3`` (a convolution with bias, PyTorch's default initialisation, padding
-    that keeps the map size) or ``identity`` (only when the widths agree). ``relu`` appends a ReLU (the FGFI
-    authors used conv3x3 + ReLU on post-ReLU VGG features; FPN outputs are signed, so it is off by default).
+    ``kind``: ``conv1x1`` / ``conv3x3`` (a convolution with PyTorch's default initialisation of its weight,
+    a zero bias, and padding that keeps the map size) or ``identity`` (only when the widths agree). ``relu``
+    appends a ReLU (the FGFI authors used conv3x3 + ReLU on post-ReLU VGG features; FPN outputs are signed, so
+    it is off by default).
     """
     if len(student_channels) != len(teacher_channels):
         raise ConfigError(

@@ -23,11 +23,10 @@ authors' ``align`` conv).
 Defaults: ``tau`` 1 and ``weight`` 5 per level, summed over levels: the authors' released detection config
 (pppppM/mmdetection-distiller ``cwd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py``: tau=1.0,
 weight=5.0 on each FPN output, RetinaNet R50 37.4 -> 40.5 mAP). mmrazor's CWD configs for GFL / RetinaNet
-use tau=1 and loss_weight=10. Where detkd differs from the authors' code: it computes the KL divergence
-of the paper (the authors' code computes the cross-entropy ``-sum p_T log p_S``, which differs by the
-teacher's entropy, a constant: same gradients, but their loss does not reach 0); the levels are every level
-except Faster R-CNN's ``pool`` unless ``levels`` says otherwise. Padded cells of the batch are positions
-like any other, as in the authors' code.
+use tau=1 and loss_weight=10. detkd computes the KL divergence of the paper, ``sum p_T (log p_T - log p_S)``,
+as mmrazor's ``ChannelWiseDivergence`` does (it is 0 when the two maps agree). Where detkd differs: the
+levels are every level except Faster R-CNN's ``pool`` unless ``levels`` says otherwise. Padded cells of
+the batch are positions like any other, as in the authors' code.
 """
 
 from __future__ import annotations
