@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 from detkd.config import Config, ConfigError, to_dict
 from detkd.distill import build_distiller
@@ -119,6 +120,54 @@ def draw_gallery(rows: list[tuple[str, list[tuple[str, list[float]]]]], title: s
 # The command
 
 
+def prototype_boxes(keys: Tensor, table: dict[tuple[int, int], tuple[list[float], int]], c: int,
+                    lv: int) -> list[list[float]]:
+    """The original boxes of the prototypes ``keys`` (K, 2) (image id, box index) of class ``c`` on level
+    ``lv``, checked against the ground truth (:func:`instance_table`)."""
+    found = []
+    for rank, (img, j) in enumerate(keys.tolist()):
+        if (img, j) not in table:
+            raise RuntimeError(f"prototype {rank} of class {c}, level {lv}: image id {img} box {j} is not "
+                               "in the training set's ground truth; the data changed during the export")
+        box, label = table[(img, j)]
+        if label != c:
+            raise RuntimeError(f"prototype {rank} of class {c}, level {lv}: image id {img} box {j} has "
+                               f"label {label} in the ground truth; the bank and the data set disagree")
+        found.append(box)
+    return found
+
+
+def level_entries(lv: int, per_class: dict[int, Any], pgm_costs: dict, keys: Tensor,
+                  table: dict[tuple[int, int], tuple[list[float], int]], files: dict[int, str],
+                  class_names: dict[int, str], pool_counts: list[int]) -> tuple[dict, dict, list]:
+    """Level ``lv``'s prototypes per class: the ``prototypes.pt`` entries, the ``prototypes.json`` entries and
+    the gallery rows."""
+    classes_pt: dict[int, dict[str, Any]] = {}
+    classes_json: dict[str, Any] = {}
+    gallery_rows = []
+    for c in sorted(per_class):
+        p = per_class[c]
+        k = keys[p.indices]
+        found = prototype_boxes(k, table, c, lv)
+        costs = pgm_costs.get((lv, c))
+        classes_pt[c] = {
+            "indices": p.indices.clone(), "image_ids": k[:, 0].clone(), "box_index": k[:, 1].clone(),
+            "boxes": torch.tensor(found, dtype=torch.float32).reshape(-1, 4), "teacher": p.teacher.clone(),
+            "student": p.student.clone(),
+            "costs": torch.tensor(costs, dtype=torch.float64) if costs is not None else None,
+        }
+        instances = [
+            {"rank": r, "index": int(i), "image_id": int(img), "box_index": int(j),
+             "file": files[int(img)], "box_xyxy": [round(v, 2) for v in box]}
+            for r, (i, (img, j), box) in enumerate(zip(p.indices.tolist(), k.tolist(), found))
+        ]
+        classes_json[str(c)] = {"name": class_names.get(c, str(c)), "pool_instances": pool_counts[c],
+                                "instances": instances, "pgm_costs": costs}
+        label = f"{class_names.get(c, str(c))}\n({pool_counts[c]} inst.)"
+        gallery_rows.append((label, [(files[int(img)], box) for (img, _), box in zip(k.tolist(), found)]))
+    return classes_pt, classes_json, gallery_rows
+
+
 def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     """Select the prototypes with the teacher of ``cfg.distill`` and the student weights in ``checkpoint``
     exactly as a training epoch would, and write ``prototypes.pt``, ``prototypes.json`` and one
@@ -129,7 +178,6 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
                           "(distill.teacher / teacher_checkpoint and methods, e.g. configs/digits/*_global.yaml)")
     out = Path(out)
     device = resolve_device(cfg.train.device)
-
 
     name, options = prototype_method(cfg)
     info(f"prototypes: method {name!r} options {options or '(defaults)'}; loading teacher and student")
@@ -167,39 +215,8 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     levels_pt: list[dict[str, Any]] = []
     levels_json: list[dict[str, Any]] = []
     for lv, per_class in enumerate(bank.protos):
-        classes_pt: dict[int, dict[str, Any]] = {}
-        classes_json: dict[str, Any] = {}
-        gallery_rows = []
-        for c in sorted(per_class):
-            p = per_class[c]
-            k = keys[p.indices]
-            found = []
-            for rank, (img, j) in enumerate(k.tolist()):
-                if (img, j) not in table:
-                    raise RuntimeError(f"prototype {rank} of class {c}, level {lv}: image id {img} box {j} is not "
-                                       "in the training set's ground truth; the data changed during the export")
-                box, label = table[(img, j)]
-                if label != c:
-                    raise RuntimeError(f"prototype {rank} of class {c}, level {lv}: image id {img} box {j} has "
-                                       f"label {label} in the ground truth; the bank and the data set disagree")
-                found.append(box)
-            boxes = torch.tensor(found, dtype=torch.float32).reshape(-1, 4)
-            costs = bank.pgm_costs.get((lv, c))
-            classes_pt[c] = {
-                "indices": p.indices.clone(), "image_ids": k[:, 0].clone(), "box_index": k[:, 1].clone(),
-                "boxes": boxes, "teacher": p.teacher.clone(), "student": p.student.clone(),
-                "costs": torch.tensor(costs, dtype=torch.float64) if costs is not None else None,
-            }
-            instances = [
-                {"rank": r, "index": int(i), "image_id": int(img), "box_index": int(j),
-                 "file": files[int(img)], "box_xyxy": [round(v, 2) for v in box]}
-                for r, (i, (img, j), box) in enumerate(zip(p.indices.tolist(), k.tolist(), found))
-            ]
-            classes_json[str(c)] = {"name": class_names.get(c, str(c)), "pool_instances": pool_counts[c],
-                                    "instances": instances, "pgm_costs": costs}
-            label = f"{class_names.get(c, str(c))}\n({pool_counts[c]} inst.)"
-            gallery_rows.append((label, [(files[int(img)], box)
-                                                            for (img, _), box in zip(k.tolist(), found)]))
+        classes_pt, classes_json, gallery_rows = level_entries(lv, per_class, bank.pgm_costs, keys, table, files,
+                                                               class_names, pool_counts)
         gallery = out / f"gallery_level{lv}.png"
         info(f"prototypes: level {lv} ({level_names[lv]}): {len(per_class)} classes -> {gallery}")
         title = f"level {lv} ({level_names[lv]}), {bank.opts.generator}, K={bank.opts.k}"

@@ -300,6 +300,18 @@ def plot_relation_histograms(result: RelationResult, path: str | Path, title: st
     return path
 
 
+def _check_arguments(cfg: Config, k: int | None, images: int | None, kmeans_space: str) -> None:
+    if cfg.distill is None:
+        raise ConfigError("the config has no distill section: `detkd analyze relations` needs a distillation "
+                          "config naming the teacher (distill.teacher / teacher_checkpoint)")
+    if k is not None and k < 1:
+        raise ConfigError(f"--k: must be >= 1, got {k}")
+    if images is not None and images < 0:
+        raise ConfigError(f"--images: must be >= 0 (0 = every image), got {images}")
+    if kmeans_space not in ("teacher", "student"):
+        raise ConfigError(f"--kmeans-space: {kmeans_space!r} is not 'teacher' or 'student'")
+
+
 def analyze_relations(
     cfg: Config,
     checkpoint: str,
@@ -317,15 +329,7 @@ def analyze_relations(
     other options (``lam``, ``normalize``, PGM options, extraction, ``min_box``) are the run's prototype
     method's (:func:`detkd.engine.assemble.prototype_method`)."""
     t0 = time.perf_counter()
-    if cfg.distill is None:
-        raise ConfigError("the config has no distill section: `detkd analyze relations` needs a distillation "
-                          "config naming the teacher (distill.teacher / teacher_checkpoint)")
-    if k is not None and k < 1:
-        raise ConfigError(f"--k: must be >= 1, got {k}")
-    if images is not None and images < 0:
-        raise ConfigError(f"--images: must be >= 0 (0 = every image), got {images}")
-    if kmeans_space not in ("teacher", "student"):
-        raise ConfigError(f"--kmeans-space: {kmeans_space!r} is not 'teacher' or 'student'")
+    _check_arguments(cfg, k, images, kmeans_space)
     name, options = prototype_method(cfg)
     options = {**options, "generator": "pgm"}  # the bank's PGM options (gen_opts) are the prototypes kind's
     if k is not None:

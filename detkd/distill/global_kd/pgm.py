@@ -399,6 +399,9 @@ def select_prototypes(
         :class:`PGMResult` with the picks (indices into the N rows) and the Eq. 4 objective after each
         pick. Exact ties are broken by the lowest index. N = 0 or k = 0 gives empty tensors. Callers gather
         the raw (un-normalised) features of the picks themselves, as the authors do.
+
+    Why one function: most of its lines are this docstring (its options are many); the body checks the
+    arguments, pre-filters the candidates and calls :func:`_greedy`.
     """
     where = "select_prototypes"
     _check_pair(feat_t, feat_s, where)
@@ -470,6 +473,10 @@ def _greedy(
     """The greedy loop of Alg. 1 on the Gram / rank-one form (module docstring).
 
     The features are diag(scale_t) f_t and diag(scale_s) f_s (scale None = 1); f_* are already in dtype.
+
+    Why one function: the loop's state (running sums, costs, the picked rows and their projections) is updated
+    in place at every pick, the order of those updates is the algorithm; pieces would pass all of it back and
+    forth.
     """
     f64 = torch.float64
     device = f_t.device
