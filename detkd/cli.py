@@ -82,6 +82,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    # lazy: torch start-up (module docstring)
+    from detkd.engine.pretrain import PretrainOptions, pretrain_backbone
+    from detkd.runtime.console import result
+
+    params = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        params[k] = parse_value(v)
+    opts = from_dict(PretrainOptions, params, "pretrain")
+    for backbone in args.backbones:
+        result(str(pretrain_backbone(backbone, args.out, opts, progress=not args.quiet)))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
     from detkd.commands.export import export_student
@@ -231,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="digits parameter, e.g. --set image_size=96 --set train_images=500")
     d.set_defaults(func=cmd_data_digits)
+
+    p = sub.add_parser("pretrain", help="pre-train backbones as digit classifiers (the digits benches' stand-in "
+                       "for ImageNet weights), for model.backbone_weights")
+    p.add_argument("backbones", nargs="+", help="torchvision trunks, e.g. resnet18 resnet34")
+    p.add_argument("--out", default="runs/pretrain/digits", help="folder for BACKBONE.pt / .json (default "
+                   "runs/pretrain/digits, where the shipped digits configs look)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="pre-training option, e.g. --set epochs=4 --set images=4000 (docs/bench.md)")
+    p.add_argument("--quiet", action="store_true", help="epoch lines only")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on the digits data")
     p.add_argument("--out", default="runs/demo")

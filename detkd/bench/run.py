@@ -3,6 +3,7 @@ skipped when finished; the report rewritten after every run."""
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -17,10 +18,9 @@ import yaml
 from detkd.bench.plan import plan_runs
 from detkd.bench.report import write_report
 from detkd.bench.spec import BenchRun, load_bench, result_path
-from detkd.config import (
-    ConfigError,
-)
+from detkd.config import ConfigError, config_from_dict, from_dict
 from detkd.engine.logger import read_jsonl
+from detkd.engine.pretrain import PretrainOptions, ensure_backbone_weights
 from detkd.errors import BenchError
 from detkd.runtime.checkpoint import FINAL_METRICS
 from detkd.runtime.console import info
@@ -90,6 +90,12 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
     if seeds:
         cfg.seeds = seeds
     runs = plan_runs(cfg, methods, only)
+    pretrain_opts = from_dict(PretrainOptions, cfg.pretrain_options, "pretrain_options")
+    if cfg.pretrain_backbones and not dry_run:
+        # the teacher's (unless a trained one is given) and the student's, before any run needs them
+        for r in ([] if runs[0].command == "eval" else [runs[0]]) + [runs[-1]]:
+            model = config_from_dict(copy.deepcopy({k: v for k, v in r.raw.items() if k != "distill"})).model
+            ensure_backbone_weights(model.backbone, model.backbone_weights, pretrain_opts)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out) if not dry_run else None  # held until this process exits

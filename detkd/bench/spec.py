@@ -44,6 +44,9 @@ class BenchConfig:
     finetune_overrides: list[str] = field(default_factory=list)  # key=value for the runs that start from the
     # pre-trained student (baseline and methods), e.g. a shorter warm-up for a short second phase
     output_dir: str = "runs/bench"  # runs, table, plots
+    pretrain_backbones: bool = False  # first pre-train the teacher's and the student's backbones as digit
+    # classifiers where their model.backbone_weights names a missing `detkd pretrain` file (DIR/BACKBONE.pt)
+    pretrain_options: dict[str, Any] = field(default_factory=dict)  # its options (detkd pretrain --set)
 
 
 @dataclass

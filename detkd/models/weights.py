@@ -144,18 +144,18 @@ def load_checked(
 def load_backbone_weights(trunk: nn.Module, source: str, backbone: str) -> None:
     """Initialise a classification trunk (torchvision ResNet / MobileNetV3, before FPN wrapping).
 
-    ``source``: a torchvision weights name (ImageNet), a classification state dict, or a detector
-    checkpoint (its ``backbone.body.*`` tensors are used)."""
+    ``source``: a torchvision weights name (ImageNet), a classification state dict (``detkd pretrain``
+    writes one), or a detector checkpoint (its ``backbone.body.*`` tensors are used)."""
     state, _ = read_weights(source, "model.backbone_weights")
+    # the classifier head is no part of a detector: a file may leave it out (a detector's body,
+    # `detkd pretrain`'s trunk); every other key must be there
     head = "classifier." if backbone.startswith("mobilenet") else "fc."
-    allow: tuple[str, ...] = ()
     if any(k.startswith("backbone.body.") for k in state):
         # a detector's backbone: the body holds the trunk without its classifier
         prefix = "features." if backbone.startswith("mobilenet") else ""
         body = "backbone.body."
         state = {prefix + k[len(body):]: v for k, v in state.items() if k.startswith(body)}
-        allow = (head,)
-    load_checked(trunk, state, source, allow_missing=allow)
+    load_checked(trunk, state, source, allow_missing=(head,))
     info(f"backbone {backbone}: loaded {source}")
 
 
