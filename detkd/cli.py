@@ -210,6 +210,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="run a trained detector on image files or folders: drawn images and "
+                       "a COCO-results JSON")
+    p.add_argument("model", help="training checkpoint (.pt), run folder, or exported student folder")
+    p.add_argument("inputs", nargs="+", help="image files and / or folders of images")
+    p.add_argument("--out", required=True, help="folder for the drawn images and detections.json")
+    p.add_argument("--score", type=float, default=0.3, help="keep detections with at least this score")
+    p.add_argument("--checkpoint", default="best.pt", help="file of a run folder (default best.pt, falling "
+                   "back to last.pt)")
+    p.add_argument("--names", help="class names: a COCO json (its categories) or a text file, one per line")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="detkd", description="Knowledge distillation for torchvision detectors")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -276,18 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list the configs shipped with detkd (usable by name without a clone)")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("predict", help="run a trained detector on image files or folders: drawn images and "
-                       "a COCO-results JSON")
-    p.add_argument("model", help="training checkpoint (.pt), run folder, or exported student folder")
-    p.add_argument("inputs", nargs="+", help="image files and / or folders of images")
-    p.add_argument("--out", required=True, help="folder for the drawn images and detections.json")
-    p.add_argument("--score", type=float, default=0.3, help="keep detections with at least this score")
-    p.add_argument("--checkpoint", default="best.pt", help="file of a run folder (default best.pt, falling "
-                   "back to last.pt)")
-    p.add_argument("--names", help="class names: a COCO json (its categories) or a text file, one per line")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
+    _add_predict(sub)
 
     p = sub.add_parser("prototypes", help="select prototypes with a trained pair and save them with a gallery")
     _add_config(p)
