@@ -33,7 +33,7 @@ from machine import cpu_name  # benchmarks/machine.py (the script's own folder i
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detkd.distill.pgm import select_prototypes  # noqa: E402
+from detkd.distill.global_kd.pgm import select_prototypes  # noqa: E402
 
 K = 10
 LAM = 10.0

@@ -4,7 +4,7 @@
         [--threads 1] [--workers 0] [--data-root DIR] [--cap N] [--refreshes 2]
 
 For each detector family the run is built from ``configs/digits/{arch}_r34_r18_global.yaml`` exactly as
-``detkd distill`` builds it (:func:`detkd.assemble.build_models`, the trainer's feature loader and
+``detkd distill`` builds it (:func:`detkd.engine.assemble.build_models`, the trainer's feature loader and
 training loader: 96 px images, batch 8, 2000 training images, ResNet-34 FPN-128 teacher, ResNet-18 FPN-32
 student), with an untrained teacher (the cost does not depend on its weights). In one process, in turn:
 
@@ -70,9 +70,9 @@ def untrained_teacher(cfg, path: Path) -> str:
 
 def run_arch(arch: str, a: argparse.Namespace, data_root: str, tmp: Path) -> dict:
     """Refreshes and training steps of one family, in one process; seconds and ratios."""
-    from detkd.assemble import build_models, feature_loader
     from detkd.data import build_dataset, build_loader, model_targets
     from detkd.distill.base import DistillContext
+    from detkd.engine.assemble import build_models, feature_loader
     from detkd.engine.schedule import build_optimizer
 
     device = torch.device("cpu")

@@ -13,7 +13,7 @@ ResNet-18 FPN-32 student, Faster R-CNN box_batch_size_per_image 128) with an unt
 - ``+teacher (features)``: the same with the teacher asked for its features only (what fitnet, fgfi, rkd,
   fgd need), so that every method can also be compared with the teacher forward of its OWN request;
 - ``+METHOD``: (the methods that support the family: crosskd is RetinaNet / FCOS only)
-  ``detkd.assemble.build_models`` + ``DistillStep`` with that one method: exactly the
+  ``detkd.engine.assemble.build_models`` + ``DistillStep`` with that one method: exactly the
   training step (forward, backward, optimizer step). Prototype methods (``global``) select their
   prototypes once before timing (:meth:`on_epoch_start`, as before an epoch; the refresh is per epoch,
   not per step).
@@ -111,8 +111,8 @@ def build_config(name: str, arch: str, args: dict) -> dict:
 
     from torch import nn
 
-    from detkd.assemble import build_models, feature_loader
     from detkd.distill.base import DistillContext
+    from detkd.engine.assemble import build_models, feature_loader
     from detkd.engine.schedule import build_optimizer
     from detkd.engine.step import DistillStep
     from detkd.taps import tap_student, tap_teacher, transform_batch

@@ -21,11 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from detkd.assemble import build_models  # noqa: E402
 from detkd.bench import load_bench, plan_runs  # noqa: E402
 from detkd.config import config_from_dict  # noqa: E402
 from detkd.data import build_dataset, build_loader, model_targets  # noqa: E402
 from detkd.distill.base import DistillContext  # noqa: E402
+from detkd.engine.assemble import build_models  # noqa: E402
 from detkd.taps import tap_student, transform_batch  # noqa: E402
 
 

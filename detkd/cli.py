@@ -20,6 +20,7 @@ from detkd.config import (
     parse_value,
     shipped_configs,
 )
+from detkd.errors import BenchError, CheckpointError, DataError, RunStopped
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.engine.trainer import evaluate_checkpoint
+    from detkd.engine.evaluate import evaluate_checkpoint
     from detkd.evaluation import format_metrics
     from detkd.runtime.console import result
     from detkd.runtime.dist import is_main
@@ -75,7 +76,7 @@ def cmd_data_digits(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.demo import run_demo
+    from detkd.commands.demo import run_demo
 
     run_demo(out_dir=args.out, quick=args.quick)
     return 0
@@ -100,7 +101,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.export import export_student
+    from detkd.commands.export import export_student
 
     paths = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, torchscript=args.torchscript,
                            onnx=args.onnx)
@@ -119,7 +120,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.predict import predict_images
+    from detkd.commands.predict import predict_images
 
     summary = predict_images(args.model, args.inputs, args.out, score=args.score, checkpoint=args.checkpoint,
                              device=args.device, names_file=args.names, progress=not args.quiet)
@@ -131,7 +132,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_prototypes(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.prototype_export import export_prototypes
+    from detkd.commands.prototypes import export_prototypes
     from detkd.runtime.console import result
 
     cfg = load_config(args.config, args.overrides)
@@ -142,8 +143,8 @@ def cmd_prototypes(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
-    from detkd.detection_grids import compare_detections, parse_model_specs
-    from detkd.relations import analyze_relations
+    from detkd.commands.detections import compare_detections, parse_model_specs
+    from detkd.commands.relations import analyze_relations
 
     cfg = load_config(args.config, args.overrides)
     if args.analyze_command == "relations":
@@ -207,6 +208,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown method {args.name!r} (known: {', '.join(registry())})")
     print(format_method(args.name))
     return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="run a trained detector on image files or folders: drawn images and "
+                       "a COCO-results JSON")
+    p.add_argument("model", help="training checkpoint (.pt), run folder, or exported student folder")
+    p.add_argument("inputs", nargs="+", help="image files and / or folders of images")
+    p.add_argument("--out", required=True, help="folder for the drawn images and detections.json")
+    p.add_argument("--score", type=float, default=0.3, help="keep detections with at least this score")
+    p.add_argument("--checkpoint", default="best.pt", help="file of a run folder (default best.pt, falling "
+                   "back to last.pt)")
+    p.add_argument("--names", help="class names: a COCO json (its categories) or a text file, one per line")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,18 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list the configs shipped with detkd (usable by name without a clone)")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("predict", help="run a trained detector on image files or folders: drawn images and "
-                       "a COCO-results JSON")
-    p.add_argument("model", help="training checkpoint (.pt), run folder, or exported student folder")
-    p.add_argument("inputs", nargs="+", help="image files and / or folders of images")
-    p.add_argument("--out", required=True, help="folder for the drawn images and detections.json")
-    p.add_argument("--score", type=float, default=0.3, help="keep detections with at least this score")
-    p.add_argument("--checkpoint", default="best.pt", help="file of a run folder (default best.pt, falling "
-                   "back to last.pt)")
-    p.add_argument("--names", help="class names: a COCO json (its categories) or a text file, one per line")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
+    _add_predict(sub)
 
     p = sub.add_parser("prototypes", help="select prototypes with a trained pair and save them with a gallery")
     _add_config(p)
@@ -307,29 +312,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # lazy: torch start-up (module docstring)
-    from detkd.runtime.checkpoint import CheckpointError
-
-    known: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
-    try:
-        # lazy: torch start-up (module docstring)
-        from detkd.data import DataError
-
-        known = (*known, DataError)
-    except ImportError:
-        pass
     try:
         return args.func(args)
-    except known as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"detkd: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        # lazy: torch start-up (module docstring)
-        from detkd.bench import BenchError
-        from detkd.engine.trainer import RunStopped  # non-finite losses, a failed DDP collective
-
-        if not isinstance(e, (RunStopped, BenchError)):
-            raise
+    except (RunStopped, BenchError) as e:  # non-finite losses, a failed DDP collective, a failed bench run
         print(f"detkd: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

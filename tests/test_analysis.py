@@ -11,8 +11,7 @@ import yaml
 from PIL import Image
 
 from detkd.cli import main
-from detkd.config import ConfigError, to_dict
-from detkd.detection_grids import (
+from detkd.commands.detections import (
     FP_COLOR,
     GAP,
     GT_COLOR,
@@ -24,8 +23,7 @@ from detkd.detection_grids import (
     match_detections,
     parse_model_specs,
 )
-from detkd.models import build_detector
-from detkd.relations import (
+from detkd.commands.relations import (
     KINDS,
     RELATIONS,
     Bases,
@@ -36,6 +34,8 @@ from detkd.relations import (
     relation_discrepancy,
     relations,
 )
+from detkd.config import ConfigError, to_dict
+from detkd.models import build_detector
 from detkd.runtime.checkpoint import CheckpointError
 from tests.engine_helpers import random_global_pair, tiny_config, tiny_model
 
@@ -229,13 +229,16 @@ def test_relations_command_writes_histograms_and_numbers(pair):
         for kind in KINDS:
             s = summary["overall"][r][kind]
             counts.add(s["count"])
-            assert s["count"] > 0 and math.isfinite(s["mean"]) and s["mean"] >= 0 and s["median"] >= 0
     assert len(counts) == 1  # every kind and relation measures the same instances
     raw = torch.load(out / "relations.pt", weights_only=True)
-    assert raw["levels"].shape[0] == counts.pop()
+    assert raw["levels"].shape[0] == counts.pop() > 0
     for r in RELATIONS:
         for kind in KINDS:
-            assert abs(float(raw["values"][r][kind].double().mean()) - summary["overall"][r][kind]["mean"]) < 1e-6
+            # the summary describes the saved discrepancies (a discrepancy is a norm: >= 0 by construction)
+            v = raw["values"][r][kind].double()
+            s = summary["overall"][r][kind]
+            assert (s["mean"], s["median"], s["p90"]) == (float(v.mean()), float(v.median()),
+                                                          float(torch.quantile(v, 0.9)))
     with Image.open(out / "relations.png") as im:
         assert im.width > 600 and im.height > 300
         assert len(im.convert("RGB").getcolors(1 << 20)) > 10  # not a blank canvas

@@ -15,8 +15,8 @@ from torchvision.models.detection.image_list import ImageList
 
 from detkd.config import ConfigError
 from detkd.distill import REGISTRY, build_distiller
-from detkd.distill.common import box_mask, box_masks, grid_anchors, imitation_masks, level_anchors
-from detkd.distill.global_kd import PrototypeDistiller
+from detkd.distill.global_kd.base import PrototypeDistiller
+from detkd.distill.masks import box_mask, box_masks, grid_anchors, imitation_masks, level_anchors
 from detkd.distill.rkd import rkd_angle_loss, rkd_distance_loss
 from detkd.taps import Taps
 from tests.engine_helpers import real_pair_taps

@@ -11,8 +11,8 @@ import torch
 from detkd.config import ConfigError, ModelConfig
 from detkd.distill import build_distiller
 from detkd.distill.crosskd import align_scale, crosskd_losses
-from detkd.head_walk import head_blocks, head_tail, run_head
 from detkd.taps import TapRequest, tap_student, tap_teacher, transform_batch
+from detkd.taps.head_walk import head_blocks, head_tail, run_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,7 +244,7 @@ def test_crosskd_runs_through_the_training_loop(arch, data_root, tmp_path):
     ("faster_rcnn", "retinanet", r"crosskd.*same head type; the pair is teacher faster_rcnn"),
 ])
 def test_refuses_pairs_it_cannot_work_on(teacher_arch, student_arch, why, data_root, tmp_path):
-    from detkd.assemble import build_models
+    from detkd.engine.assemble import build_models
     from tests.engine_helpers import tiny_config, tiny_model, with_distill
 
     teacher = save_teacher(tmp_path / "teacher.pt", teacher_arch)
@@ -270,8 +270,8 @@ def test_fcos_to_retinanet_pkd_config_pairs_and_trains(data_root, tmp_path):
     """The digits config on 4 tiny images (resized to the config's 96 px), a random FCOS R18 teacher of the
     config's layout (FPN 128): it pairs with the RetinaNet R18 (FPN 32) student level by level and pkd
     trains for two steps."""
-    from detkd.assemble import build_models
     from detkd.config import load_config
+    from detkd.engine.assemble import build_models
     from detkd.engine.logger import read_jsonl
     from detkd.engine.trainer import fit
     from tests.engine_helpers import tiny_config

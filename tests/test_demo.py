@@ -17,14 +17,18 @@ def test_quick_demo_runs_and_resumes(tmp_path, capsys):
     assert len(data["runs"]) == 4
     inits = {r["student_init"] for r in data["runs"] if r["row"] != "teacher"}
     assert len(inits) == 1  # the three students start from the same weights
-    assert all(0.0 <= r["metrics"]["mAP"] <= 1.0 for r in data["runs"])
+    # each run's metrics are those its run wrote (final.json), and each row of the one-seed table is its run's
+    for r in data["runs"]:
+        assert r["metrics"] == {k: v for k, v in json.loads((out / "runs" / r["name"] / "final.json").read_text())
+                                .items() if k != "gpu_peak_mb"}
+    assert {e["row"]: e["mAP"] for e in data["table"]} == {r["row"]: r["metrics"]["mAP"] for r in data["runs"]}
     assert (out / "runs" / "map.png").is_file()
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     assert "4 runs (4 finished earlier)" in capsys.readouterr().err
 
 
 def test_story_names_each_gain():
-    from detkd.demo import story
+    from detkd.commands.demo import story
 
     table = [{"row": "teacher", "mAP": 0.5, "epochs": 4}, {"row": "baseline", "mAP": 0.25, "epochs": 3},
              {"row": "fgfi", "mAP": 0.335, "epochs": 3}, {"row": "global", "mAP": 0.24, "epochs": 3}]

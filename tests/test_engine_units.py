@@ -5,8 +5,8 @@ import torch
 
 from detkd.config import TrainConfig
 from detkd.engine.schedule import lr_factor
-from detkd.engine.trainer import rng_state, set_rng_state
 from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, rotate_epoch_checkpoints, save_checkpoint
+from detkd.runtime.rng import rng_state, set_rng_state
 
 
 def test_checkpoint_round_trip_and_atomic_replace(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from detkd.commands.export import export_student
 from detkd.config import to_dict
-from detkd.export import export_student
 from detkd.models import build_detector
 from detkd.runtime.checkpoint import save_checkpoint
 from tests.engine_helpers import SIZE, tiny_config

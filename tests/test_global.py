@@ -22,8 +22,8 @@ import torch
 from detkd.config import ConfigError
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
-from detkd.distill.global_terms import cosine_all_terms, cosine_max_sigma, paper_global_terms, paper_sigma
-from detkd.distill.pgm import project
+from detkd.distill.global_kd.pgm import project
+from detkd.distill.global_kd.terms import cosine_all_terms, cosine_max_sigma, paper_global_terms, paper_sigma
 from detkd.taps import Taps
 
 PT = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -390,7 +390,7 @@ def test_feat_region_imitation_uses_fgfis_mask():
     """feat_region imitation: Eq. 7 on FGFI's anchor-IoU locations (sigma 1 with an empty bank), identity
     adapter, student = teacher + 1 everywhere: every masked cell has d^2 = C = 2, so the loss is
     2 n / (2 n) = 1, and the student's gradient is non-zero exactly on FGFI's mask."""
-    from detkd.distill.common import imitation_mask_batch
+    from detkd.distill.masks import imitation_mask_batch
 
     d = make("global", use_global=False, use_resp=False, adapter="conv1x1", feat_region="imitation")
     conv = d.adapters[0][0]

@@ -23,14 +23,14 @@ import math
 import torch
 
 from detkd.distill import build_distiller
-from detkd.distill.global_terms import (
+from detkd.distill.global_kd.prototypes import instance_features
+from detkd.distill.global_kd.terms import (
     authors_decoupled_terms,
     cosine_all_terms,
     finest56_box_levels,
     ordered_box_mask,
 )
 from detkd.distill.kd import dense_kd
-from detkd.distill.prototypes import instance_features
 from detkd.engine.step import weigh_terms
 from detkd.taps import Taps
 from tests.test_global import bank_state, constant_taps

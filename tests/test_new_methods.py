@@ -17,8 +17,9 @@ from detkd.config import ConfigError
 from detkd.distill import REGISTRY, build_distiller
 from detkd.distill.cwd import channel_kl
 from detkd.distill.describe import option_comments, registry
+from detkd.distill.losses import standardize
 from detkd.distill.mgd import keep_mask, mask_seed, mgd_loss
-from detkd.distill.pkd import pkd_loss, standardize
+from detkd.distill.pkd import pkd_loss
 from detkd.taps import Taps
 
 NEW = ["pkd", "cwd", "mgd"]

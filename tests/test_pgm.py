@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detkd.distill.pgm import (
+from detkd.distill.global_kd.pgm import (
     PGMResult,
     coupled_coefficients,
     density_candidates,

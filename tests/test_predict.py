@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from detkd.cli import main
+from detkd.commands.export import export_student
 from detkd.config import Config, to_dict
-from detkd.export import export_student
 from detkd.models import build_detector
 from detkd.runtime.checkpoint import save_checkpoint
 from tests.engine_helpers import tiny_model
@@ -83,8 +83,8 @@ def test_predict_errors_are_named(run_dir, images, tmp_path, capsys):
 
 
 def test_coco_names_for_a_model_with_its_coco_weights():
+    from detkd.commands.predict import class_names_for
     from detkd.config import ModelConfig
-    from detkd.predict import class_names_for
 
     cfg = ModelConfig(torchvision="fasterrcnn_mobilenet_v3_large_fpn", num_classes=90,
                       weights="FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1")

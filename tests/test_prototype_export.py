@@ -11,14 +11,14 @@ import torch
 import yaml
 from PIL import Image
 
-from detkd.assemble import feature_loader
 from detkd.cli import main
+from detkd.commands.prototypes import BACKGROUND, CELL, GAP, HEADER_H, LABEL_W, gallery_size, instance_table
 from detkd.config import to_dict
 from detkd.data import build_dataset
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
+from detkd.engine.assemble import feature_loader
 from detkd.models import build_detector, feature_channels
-from detkd.prototype_export import BACKGROUND, CELL, GAP, HEADER_H, LABEL_W, gallery_size, instance_table
 from tests.engine_helpers import random_global_pair, tiny_config, tiny_model
 
 RESIZED = 80  # the 64 px digits scenes are resized to 80 px: original and transformed frames differ

@@ -9,8 +9,8 @@ from detkd.config import ModelConfig
 from detkd.data.common import DetectionDataset
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
-from detkd.distill.prototype_pool import PrototypeBank, PrototypeOptions, _priority
-from detkd.distill.prototypes import (
+from detkd.distill.global_kd.pool import PrototypeBank, PrototypeOptions, _priority
+from detkd.distill.global_kd.prototypes import (
     GENERATORS,
     generate,
     instance_features,

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detkd.distill.base import DistillContext
-from detkd.distill.prototype_pool import PrototypeBank, PrototypeOptions
+from detkd.distill.global_kd.pool import PrototypeBank, PrototypeOptions
 from detkd.models import build_detector
 from tests.test_prototypes import tiny, toy_loader
 

@@ -561,7 +561,7 @@ def test_a_failing_rank_makes_the_others_exit_instead_of_hanging(failure, data_r
 def test_label_zero_detections_never_reach_the_evaluation():
     """RetinaNet / FCOS can output their never-positive index 0 early in training; a long run once stopped in
     its evaluation on it ("category_id = 0 is not a category")."""
-    from detkd.engine.evaluate import predict
+    from detkd.engine.evaluate import detect
 
     class Fixed(torch.nn.Module):
         def forward(self, images):
@@ -569,6 +569,6 @@ def test_label_zero_detections_never_reach_the_evaluation():
                      "labels": torch.tensor([0, 3]), "scores": torch.tensor([0.9, 0.5])} for _ in images]
 
     target = {"image_id": torch.tensor(7), "orig_size": torch.tensor([32, 32])}
-    dets = predict(Fixed(), [([torch.zeros(3, 32, 32, dtype=torch.uint8)], [target])], torch.device("cpu"),
+    dets = detect(Fixed(), [([torch.zeros(3, 32, 32, dtype=torch.uint8)], [target])], torch.device("cpu"),
                    progress=False)
     assert [(d["image_id"], d["category_id"]) for d in dets] == [(7, 3)]

@@ -129,8 +129,8 @@ def test_config_names_a_torchvision_model(tmp_path):
 def test_exported_torchvision_student_loads_without_detkd(tmp_path):
     import importlib.util
 
+    from detkd.commands.export import export_student
     from detkd.config import Config, to_dict
-    from detkd.export import export_student
     from detkd.runtime.checkpoint import save_checkpoint
 
     cfg = Config(model=ModelConfig(torchvision="fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3, norm="bn",

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from detkd.assemble import build_models
 from detkd.config import ConfigError, MethodConfig, ModelConfig
+from detkd.data import build_dataset
+from detkd.engine.assemble import build_models
 from detkd.engine.logger import read_jsonl
 from detkd.engine.trainer import fit
 from detkd.models import build_detector
@@ -74,6 +75,19 @@ def test_prototype_method_on_differing_pyramids(v2_teacher, tmp_path):
     cfg.distill.teacher = zoo("fasterrcnn_resnet50_fpn_v2")
     fit(cfg, progress=False)
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    # the refresh pooled every training instance on the paired levels
+    ds = build_dataset(cfg.data, "train", cfg.model, train=False)
+    labels = torch.cat([ds[i][1]["labels"][~ds[i][1]["ignore"]] for i in range(len(ds))]).tolist()
+    refresh = next(r for r in records if r["kind"] == "distill")
+    assert (refresh["proto_images"], refresh["proto_instances"], refresh["proto_classes"]) == (4, len(labels),
+                                                                                               len(set(labels)))
     train = [r for r in records if r["kind"] == "train"]
-    terms = [v for r in train for k, v in r.items() if k.startswith("global")]
-    assert terms and all(math.isfinite(v) for v in terms)
+    assert len(train) == 2 and {k for k in train[0] if k.startswith("loss_")} == {
+        "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg",
+        "loss_global", "loss_local_feat", "loss_local_resp"}
+    assert all(math.isfinite(v) for r in train for k, v in r.items() if k.startswith(("loss", "global/")))
+    # these 4 images hold one instance per class, so with k = 1 each instance is its class's prototype: on the
+    # first step (the student as at the refresh) its Eq. 5 coefficient is 1 in both spaces, L_global is 0, every
+    # sigma 1, and every instance's class has a prototype
+    assert len(set(labels)) == len(labels)
+    assert (train[0]["loss_global"], train[0]["global/sigma_min"], train[0]["global/proto_covered"]) == (0.0, 1.0, 1.0)

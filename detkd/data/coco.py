@@ -65,36 +65,8 @@ def _reused_ids(anns: list[dict[str, Any]]) -> set[Any]:
     return reused | {k for k, n in others.items() if n > 1}
 
 
-def parse_coco(
-    ann_file: str | Path, image_dir: str | Path, bad_annotations: str = "error",
-    skipped: Counter[str] | None = None,
-) -> tuple[list[ImageRecord], list[dict[str, Any]], list[int]]:
-    """Read a COCO instances file into records, contiguous categories and the file's category ids.
-
-    Returns ``(records, categories, file_category_ids)`` where ``file_category_ids[label - 1]`` is the
-    category id used in the file for ``label``. Broken entries (an image without integer id or file
-    name, a bad width/height, duplicate image ids, an annotation of an unknown image or category id, a
-    missing or malformed bbox, a duplicate annotation id) raise :class:`DataError` naming the file and
-    entry under ``bad_annotations="error"``; under ``"skip"`` they are left out and counted in
-    ``skipped`` (what went wrong -> how often). Under ``skip``, an image id used twice drops every image
-    with that id and their annotations (the boxes cannot be attributed), an exact copy of an annotation
-    is dropped, and a different annotation reusing an id is kept (detkd does not use annotation ids).
-    The categories themselves must be sound under either policy: they define the labels.
-    """
-    if bad_annotations not in ("error", "skip"):
-        raise ValueError(f"bad_annotations must be error or skip, got {bad_annotations!r}")
-    path = Path(ann_file)
-    image_dir = Path(image_dir)
-    data = read_json(path)
-    if not image_dir.is_dir():
-        raise DataFileNotFoundError(f"image folder not found: {image_dir} (images of {path})")
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
-    skip: Counter[str] | None = None
-    if bad_annotations == "skip":
-        skip = skipped if skipped is not None else Counter()
-
-    # Categories: sorted file ids -> labels 1..C.
+def _categories(data: dict[str, Any], path: Path) -> tuple[list[int], dict[int, int], list[dict[str, Any]]]:
+    """Sorted file category ids, file id -> label 1..C, and the contiguous categories."""
     by_cat_id: dict[int, str] = {}
     for i, cat in enumerate(_list_of_dicts(data, "categories", path)):
         cat_id, name = cat.get("id"), cat.get("name")
@@ -106,14 +78,12 @@ def parse_coco(
     file_ids = sorted(by_cat_id)
     label_of = {cat_id: k + 1 for k, cat_id in enumerate(file_ids)}
     categories = [{"id": k + 1, "name": by_cat_id[cat_id]} for k, cat_id in enumerate(file_ids)]
+    return file_ids, label_of, categories
 
-    def bad(what: str, message: str) -> None:
-        """An error under ``error``; counted under ``skip`` (the caller then leaves the entry out)."""
-        if skip is None:
-            raise DataError(f"{path}: {message}")
-        skip[what] += 1
 
-    # Images.
+def _images(data: dict[str, Any], path: Path, image_dir: Path, skip: Counter[str] | None,
+            bad: Callable[[str, str], None]) -> tuple[dict[int, ImageRecord], set[int]]:
+    """The records of the file's images by id, and the ids used twice (``bad``: :func:`parse_coco`'s policy)."""
     records: dict[int, ImageRecord] = {}
     duplicated: set[int] = set()
     for i, img in enumerate(_list_of_dicts(data, "images", path, skip)):
@@ -136,6 +106,50 @@ def parse_coco(
                 f"image {file_name} (id {image_id}) has a bad width/height: {width}, {height}")
             continue
         records[image_id] = ImageRecord(image_id, image_dir / file_name, width, height, str(path))
+    return records, duplicated
+
+
+def parse_coco(
+    ann_file: str | Path, image_dir: str | Path, bad_annotations: str = "error",
+    skipped: Counter[str] | None = None,
+) -> tuple[list[ImageRecord], list[dict[str, Any]], list[int]]:
+    """Read a COCO instances file into records, contiguous categories and the file's category ids.
+
+    Returns ``(records, categories, file_category_ids)`` where ``file_category_ids[label - 1]`` is the
+    category id used in the file for ``label``. Broken entries (an image without integer id or file
+    name, a bad width/height, duplicate image ids, an annotation of an unknown image or category id, a
+    missing or malformed bbox, a duplicate annotation id) raise :class:`DataError` naming the file and
+    entry under ``bad_annotations="error"``; under ``"skip"`` they are left out and counted in
+    ``skipped`` (what went wrong -> how often). Under ``skip``, an image id used twice drops every image
+    with that id and their annotations (the boxes cannot be attributed), an exact copy of an annotation
+    is dropped, and a different annotation reusing an id is kept (detkd does not use annotation ids).
+    The categories themselves must be sound under either policy: they define the labels.
+
+    Why one function: the annotation loop runs once per box (about 860k for COCO train), so its checks stay
+    inline, without a call per entry.
+    """
+    if bad_annotations not in ("error", "skip"):
+        raise ValueError(f"bad_annotations must be error or skip, got {bad_annotations!r}")
+    path = Path(ann_file)
+    image_dir = Path(image_dir)
+    data = read_json(path)
+    if not image_dir.is_dir():
+        raise DataFileNotFoundError(f"image folder not found: {image_dir} (images of {path})")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    skip: Counter[str] | None = None
+    if bad_annotations == "skip":
+        skip = skipped if skipped is not None else Counter()
+
+    file_ids, label_of, categories = _categories(data, path)
+
+    def bad(what: str, message: str) -> None:
+        """An error under ``error``; counted under ``skip`` (the caller then leaves the entry out)."""
+        if skip is None:
+            raise DataError(f"{path}: {message}")
+        skip[what] += 1
+
+    records, duplicated = _images(data, path, image_dir, skip, bad)
 
     # Annotations (a loop over ~860k entries for COCO train: keep the per-entry work small).
     anns = _list_of_dicts(data, "annotations", path, skip)

@@ -30,19 +30,12 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
+from detkd.errors import DataError, DataFileNotFoundError  # noqa: F401 - re-exported
 from detkd.runtime.console import info
 
 # Boxes that reach at most this far (px) outside the image are clipped silently: annotation tools and
 # COCO itself round coordinates, so a box ending at x = width + 0.3 is not an error.
 BOX_TOLERANCE = 1.0
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file and the entry (image id, file name, annotation id)."""
-
-
-class DataFileNotFoundError(DataError, FileNotFoundError):
-    """A file the data set needs (annotation file, image set list, image) does not exist."""
 
 
 @dataclass

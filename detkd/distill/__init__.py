@@ -13,11 +13,11 @@ from detkd.distill.fgd import FGD
 from detkd.distill.fgfi import FGFI
 from detkd.distill.fitnet import FitNet
 from detkd.distill.gid import GID
-from detkd.distill.global_kd import GlobalKD
+from detkd.distill.global_kd.distiller import GlobalKD
+from detkd.distill.global_kd.variants import DeFeatProto, KDProto, RKDProto
 from detkd.distill.kd import KD
 from detkd.distill.mgd import MGD
 from detkd.distill.pkd import PKD
-from detkd.distill.prototype_variants import DeFeatProto, KDProto, RKDProto
 from detkd.distill.rkd import RKD
 
 REGISTRY: dict[str, type[Distiller]] = {

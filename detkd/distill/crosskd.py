@@ -53,9 +53,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
+from detkd.distill.adapters import build_adapters, resolve_adapter
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import build_adapters, graph_zero, resolve_adapter
-from detkd.distill.pkd import standardize
+from detkd.distill.losses import graph_zero, standardize
 from detkd.taps import TapRequest, Taps, decode_boxes
 
 # the authors' configs per head type: cross_at, cls weight, box weight, box loss

@@ -23,11 +23,10 @@ authors' ``align`` conv).
 Defaults: ``tau`` 1 and ``weight`` 5 per level, summed over levels: the authors' released detection config
 (pppppM/mmdetection-distiller ``cwd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py``: tau=1.0,
 weight=5.0 on each FPN output, RetinaNet R50 37.4 -> 40.5 mAP). mmrazor's CWD configs for GFL / RetinaNet
-use tau=1 and loss_weight=10. Where detkd differs from the authors' code: it computes the KL divergence
-of the paper (the authors' code computes the cross-entropy ``-sum p_T log p_S``, which differs by the
-teacher's entropy, a constant: same gradients, but their loss does not reach 0); the levels are every level
-except Faster R-CNN's ``pool`` unless ``levels`` says otherwise. Padded cells of the batch are positions
-like any other, as in the authors' code.
+use tau=1 and loss_weight=10. detkd computes the KL divergence of the paper, ``sum p_T (log p_T - log p_S)``,
+as mmrazor's ``ChannelWiseDivergence`` does (it is 0 when the two maps agree). Where detkd differs: the
+levels are every level except Faster R-CNN's ``pool`` unless ``levels`` says otherwise. Padded cells of
+the batch are positions like any other, as in the authors' code.
 """
 
 from __future__ import annotations
@@ -35,13 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.distill.base import Distiller, opt
-from detkd.distill.common import check_levels, level_adapters
-from detkd.taps import Taps
+from detkd.distill.base import opt
+from detkd.distill.levelwise import LevelwiseDistiller
 
 
 @dataclass
@@ -65,22 +62,13 @@ def channel_kl(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
     return kl * tau**2 / (n * c)
 
 
-class CWD(Distiller):
+class CWD(LevelwiseDistiller):
     """``cwd_feat = weight * sum_l L_cwd(adapter_l(S_l), T_l)``: per-channel spatial distributions (KL)."""
 
     name = "cwd"
+    loss_name = "cwd_feat"
 
     Options = CWDOptions
 
-    def __init__(self, opts: CWDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        self.levels, self.adapters = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels,
-                                                    arch, "cwd")
-
-    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        check_levels(self.levels, teacher, student, "cwd")
-        losses = [
-            channel_kl(adapter(student.features[i]), teacher.features[i], self.opts.tau)
-            for adapter, i in zip(self.adapters, self.levels)
-        ]
-        return {"cwd_feat": self.opts.weight * torch.stack(losses).sum()}
+    def level_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return channel_kl(student, teacher, self.opts.tau)

@@ -7,7 +7,7 @@ cited (they could not be checked against the paper's text): the terms are writte
 the normalisation of the authors' released code:
 
 1. Neck (FPN) features, split by a binary mask M of the ground-truth boxes rasterised on every level
-   (:func:`detkd.distill.common.box_masks`; padding of the batch counts as background):
+   (:func:`detkd.distill.masks.box_masks`; padding of the batch counts as background):
 
        defeat_fg = fg_weight * mean_l  sum M_l (A_l(S_l) - T_l)^2 / (2 * count(M_l))
        defeat_bg = bg_weight * mean_l  sum (1 - M_l) (A_l(S_l) - T_l)^2 / (2 * count(1 - M_l))
@@ -20,7 +20,7 @@ the normalisation of the authors' released code:
 
 2. Faster R-CNN only: decoupled RoI distillation on the classification head. The teacher's box head runs
    on the student's sampled RoIs (``request().roi_outputs``); per RoI the softened KL(teacher || student)
-   over the num_classes + 1 softmax times T^2 (:func:`detkd.distill.common.softmax_kl`), averaged
+   over the num_classes + 1 softmax times T^2 (:func:`detkd.distill.losses.softmax_kl`), averaged
    separately over positive RoIs (``roi_labels > 0``) and negative RoIs (``roi_labels == 0``):
 
        defeat_roi_fg = roi_fg_weight * mean_{positive RoIs} KL_T,  defeat_roi_bg = roi_bg_weight * mean_{neg} KL_T
@@ -37,16 +37,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from detkd.distill.adapters import build_adapters
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import (
-    box_masks,
-    build_adapters,
-    check_adapters,
-    check_logits,
-    check_pyramids,
-    graph_zero,
-    softmax_kl,
-)
+from detkd.distill.checks import check_adapters, check_logits, check_pyramids
+from detkd.distill.losses import graph_zero, softmax_kl
+from detkd.distill.masks import box_masks
 from detkd.taps import TapRequest, Taps
 
 
@@ -66,9 +61,9 @@ def decoupled_feature_loss(adapters: nn.ModuleList, teacher: Taps, student: Taps
     """Part 1 of the module doc before its weights (the paper's decoupled neck-feature loss, equation number
     not confirmed): the foreground and background terms, each averaged over the levels.
 
-    ``masks``: per level the (N, 1, H, W) 0/1 box coverage (:func:`detkd.distill.common.box_masks`); it sets
+    ``masks``: per level the (N, 1, H, W) 0/1 box coverage (:func:`detkd.distill.masks.box_masks`); it sets
     both counts and the background. ``weights``: per level (N, 1, H, W) per-cell foreground weights, e.g. a
-    per-box weight rasterised by :func:`detkd.distill.common.weighted_box_mask` (``defeat_proto``); None =
+    per-box weight rasterised by :func:`detkd.distill.masks.weighted_box_mask` (``defeat_proto``); None =
     the mask itself (DeFeat).
     """
     fg_terms, bg_terms = [], []
@@ -108,6 +103,18 @@ def decoupled_roi_kd(teacher: Taps, student: Taps, temperature: float, method: s
     return fg, bg
 
 
+def defeat_setup(opts: DeFeatOptions, teacher_channels: list[int], student_channels: list[int], arch: str,
+                 method: str) -> tuple[nn.ModuleList, bool]:
+    """DeFeat's set-up, shared with ``defeat_proto``: one adapter per level, and whether the RoI terms run
+    (``roi`` and a Faster R-CNN student)."""
+    adapters = build_adapters(student_channels, teacher_channels, opts.adapter, where=f"{method}.options.adapter")
+    return adapters, opts.roi and arch == "faster_rcnn"
+
+
+def defeat_request(use_roi: bool) -> TapRequest:
+    return TapRequest(features=True, roi_outputs=use_roi)
+
+
 class DeFeat(Distiller):
     """Decoupled foreground / background feature imitation, plus decoupled RoI KD on Faster R-CNN (parts 1
     and 2 of the module docstring)."""
@@ -119,12 +126,10 @@ class DeFeat(Distiller):
     def __init__(self, opts: DeFeatOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
-                                       where="defeat.options.adapter")
-        self.use_roi = opts.roi and arch == "faster_rcnn"
+        self.adapters, self.use_roi = defeat_setup(opts, teacher_channels, student_channels, arch, self.name)
 
     def request(self) -> TapRequest:
-        return TapRequest(features=True, roi_outputs=self.use_roi)
+        return defeat_request(self.use_roi)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_pyramids(teacher, student, "defeat")

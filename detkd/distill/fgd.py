@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkd.config import ConfigError
+from detkd.distill.adapters import used_levels
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import select_levels
 from detkd.taps import Taps
 
 # The authors' configs per detector family; every value can be overridden by an option.
@@ -196,7 +196,7 @@ class FGD(Distiller):
         self.gamma = opts.gamma if opts.gamma is not None else defaults["gamma"]
         self.lam = opts.lam if opts.lam is not None else defaults["lam"]
         # Faster R-CNN: the levels before the max-pooled 'pool' (the authors distil the FPN output convs P2-P5)
-        self.levels = select_levels(opts.levels, len(student_channels), arch, "fgd.options.levels")
+        self.levels = used_levels(opts.levels, len(student_channels), arch, "fgd.options.levels")
         self.level_modules = nn.ModuleList(
             FGDLevel(student_channels[i], teacher_channels[i], opts.gc_ratio) for i in self.levels
         )

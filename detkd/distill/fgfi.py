@@ -3,7 +3,7 @@ Fine-grained Feature Imitation", CVPR 2019, https://arxiv.org/abs/1906.03609).
 
 Imitation mask I (Sec. 3.1): for every ground-truth box, the IoU with every anchor, its maximum m and the
 threshold psi * m (psi = 0.5); a feature location is in I when any of its anchors reaches the threshold of
-any box (:func:`detkd.distill.common.imitation_masks`; on a pyramid the maximum runs over the anchors of
+any box (:func:`detkd.distill.masks.imitation_masks`; on a pyramid the maximum runs over the anchors of
 all levels).
 
 Imitation loss (Sec. 3.2):
@@ -31,13 +31,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from detkd.distill.adapters import build_adapters
 from detkd.distill.base import Distiller, opt, range_error
-from detkd.distill.common import (
-    build_adapters,
-    check_adapters,
-    check_pyramids,
-    imitation_mask_batch,
-)
+from detkd.distill.checks import check_adapters, check_pyramids
+from detkd.distill.masks import imitation_mask_batch
 from detkd.taps import Taps
 
 

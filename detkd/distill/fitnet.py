@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkd.distill.adapters import build_adapters
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import build_adapters, check_adapters, check_pyramids
+from detkd.distill.checks import check_adapters, check_pyramids
 from detkd.taps import Taps
 
 

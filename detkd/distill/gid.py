@@ -40,7 +40,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from detkd.config import ConfigError
 from detkd.distill.base import Distiller, opt, range_error
-from detkd.distill.common import sigmoid_kl
+from detkd.distill.losses import sigmoid_kl
 from detkd.taps import TapRequest, Taps, pool_boxes
 
 # torchvision's box coders: RetinaNet BoxCoder(1, 1, 1, 1), FCOS BoxLinearCoder(normalize_by_size=True),

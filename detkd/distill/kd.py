@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import check_logits, graph_zero, sigmoid_kl, softmax_kl
+from detkd.distill.checks import check_logits
+from detkd.distill.losses import graph_zero, sigmoid_kl, softmax_kl
 from detkd.taps import TapRequest, Taps
 
 

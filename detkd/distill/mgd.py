@@ -17,8 +17,10 @@ batch size N (their ``MSELoss(reduction='sum') / N``), per level; the levels are
 
 Defaults: ``alpha`` 2e-5 and ``mask_ratio`` 0.65 for detection (the paper's detection experiments and the
 authors' detection configs, yzd-v/MGD ``det/configs/distillers/mgd``: ``alpha_mgd=0.00002,
-lambda_mgd=0.65``; classification uses 7e-5 / 0.5, segmentation 2e-5 / 0.75). Generator and align conv
-use PyTorch's default initialisation, as the authors'.
+lambda_mgd=0.65``; classification uses 7e-5 / 0.5, segmentation 2e-5 / 0.75). The generator's convs use
+PyTorch's default initialisation; the align conv is the adapter every feature method builds
+(:func:`detkd.distill.adapters.build_adapters`): PyTorch's default initialisation of its weight, and a zero
+bias.
 
 Randomness: the masks do not use the global RNG. The masks of the k-th call of the distiller (k counted
 from the start of the run in the buffer ``calls``, which checkpoints save, so a resumed run continues the
@@ -40,8 +42,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from detkd.distill.adapters import level_adapters
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import check_levels, level_adapters
+from detkd.distill.checks import check_levels
 from detkd.runtime import dist
 from detkd.taps import Taps
 

@@ -41,12 +41,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import Tensor
 
-from detkd.distill.base import Distiller, opt
-from detkd.distill.common import check_levels, level_adapters
-from detkd.taps import Taps
+from detkd.distill.base import opt
+from detkd.distill.levelwise import LevelwiseDistiller
+from detkd.distill.losses import standardize
 
 
 @dataclass
@@ -60,26 +59,6 @@ class PKDOptions:
     levels: list[int] = opt(factory=list, ge=0)  # pyramid indices; empty = all but Faster R-CNN 'pool'
 
 
-def standardize(x: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:
-    """(N, C, H, W) -> the same shape, each channel at zero mean and unit variance.
-
-    ``instance``: statistics over H x W per image and channel, population variance (divide by H W).
-    ``batch``: statistics over N x H x W per channel, Bessel-corrected (divide by N H W - 1; by N H W when
-    that is 1), as the authors' code. Both divide by ``sqrt(var + eps^2)``."""
-    x = x.float()
-    dims = (2, 3) if stats == "instance" else (0, 2, 3)
-    count = 1
-    for d in dims:
-        count *= x.shape[d]
-    correction = 1 if (stats == "batch" and count > 1) else 0
-    mean = x.mean(dim=dims, keepdim=True)
-    # eps inside the root: sqrt has an infinite slope at 0, so a 1x1 level would send a NaN gradient through
-    # std + eps; sqrt(var + eps^2) gives it 0 and a zero gradient instead (a constant channel over several
-    # positions still gets a finite gradient of order 1/eps, as with the authors' std + eps)
-    std = (x.var(dim=dims, keepdim=True, correction=correction) + eps * eps).sqrt()
-    return (x - mean) / std
-
-
 def pkd_loss(student: Tensor, teacher: Tensor, stats: str = "instance", eps: float = 1e-6) -> Tensor:
     """L_FPN of the module docstring: half the mean squared error of the standardised maps (1 - Pearson r per
     channel with ``stats: instance``); the teacher is detached."""
@@ -88,22 +67,13 @@ def pkd_loss(student: Tensor, teacher: Tensor, stats: str = "instance", eps: flo
     return 0.5 * ((s - t) ** 2).mean()
 
 
-class PKD(Distiller):
+class PKD(LevelwiseDistiller):
     """``pkd_feat = weight * sum_l 1/2 MSE(standardise(adapter_l(S_l)), standardise(T_l))`` over the levels l."""
 
     name = "pkd"
+    loss_name = "pkd_feat"
 
     Options = PKDOptions
 
-    def __init__(self, opts: PKDOptions, teacher_channels: list[int], student_channels: list[int], arch: str):
-        super().__init__(opts, teacher_channels, student_channels, arch)
-        self.levels, self.adapters = level_adapters(opts.levels, opts.adapter, teacher_channels, student_channels,
-                                                    arch, "pkd")
-
-    def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        check_levels(self.levels, teacher, student, "pkd")
-        losses = [
-            pkd_loss(adapter(student.features[i]), teacher.features[i], self.opts.stats, self.opts.eps)
-            for adapter, i in zip(self.adapters, self.levels)
-        ]
-        return {"pkd_feat": self.opts.weight * torch.stack(losses).sum()}
+    def level_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return pkd_loss(student, teacher, self.opts.stats, self.opts.eps)

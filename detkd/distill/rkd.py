@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.distill.base import Distiller, opt
-from detkd.distill.common import graph_zero
+from detkd.distill.losses import graph_zero
 from detkd.taps import Taps, pool_boxes
 
 

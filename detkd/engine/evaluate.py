@@ -1,17 +1,24 @@
-"""Evaluation loop: run a detector over a data set, gather detections from every rank, score on rank 0."""
+"""Evaluation loop: run a detector over a data set, gather detections from every rank, score on rank 0;
+and ``detkd eval``'s evaluation of a checkpoint. (The metrics themselves: :mod:`detkd.evaluation`.)"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from detkd.data import scale_image
+from detkd.config import Config
+from detkd.data import build_dataset, build_loader, scale_image
+from detkd.data.samplers import ShardSampler
+from detkd.engine.assemble import resolve_device
 from detkd.engine.logger import Progress
 from detkd.evaluation import evaluate, outputs_to_detections
+from detkd.models import build_detector, checkpoint_state_dict, load_checked
+from detkd.models.weights import check_checkpoint_fits
 from detkd.runtime import dist
 from detkd.runtime.faults import fault_point
 
@@ -29,7 +36,7 @@ def shutdown_workers(batches: Any) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Any, device: torch.device, progress: bool = True) -> list[dict]:
+def detect(model: nn.Module, loader: Any, device: torch.device, progress: bool = True) -> list[dict]:
     """Detections of this rank's share of ``loader`` in COCO result format, in original image coordinates
     (label 0, background / never positive, is dropped)."""
     was_training = model.training
@@ -64,7 +71,7 @@ def evaluate_model(model: nn.Module, loader: Any, coco_gt: dict, device: torch.d
     """COCO + VOC metrics of ``model`` on ``loader``; identical on every rank (computed on rank 0).
     ``max_dets``: COCO's maximum detections per image (``eval.max_dets``)."""
     t0 = time.perf_counter()
-    dets = predict(model, loader, device, progress)
+    dets = detect(model, loader, device, progress)
     gathered = dist.all_gather_objects(dets)
     metrics: dict[str, float] | None = None
     if dist.is_main():
@@ -72,3 +79,17 @@ def evaluate_model(model: nn.Module, loader: Any, coco_gt: dict, device: torch.d
         metrics = evaluate(coco_gt, all_dets, max_dets)
         metrics["eval_s"] = time.perf_counter() - t0
     return dist.broadcast_object(metrics)
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, progress: bool = True) -> dict[str, float]:
+    """Evaluate a detkd checkpoint, or a plain/exported state dict, with the model of ``cfg``."""
+    device = resolve_device(cfg.train.device, cfg.train.dist_timeout_s)
+    if Path(checkpoint).is_file():
+        check_checkpoint_fits(checkpoint, cfg.model, "model", "--checkpoint")
+    model = build_detector(cfg.model)
+    load_checked(model, checkpoint_state_dict(checkpoint), checkpoint)
+    model.to(device)
+    val_set = build_dataset(cfg.data, "val", cfg.model)
+    loader = build_loader(val_set, cfg.data.batch_size, cfg.data.workers, shuffle=False,
+                          sampler=ShardSampler(len(val_set), dist.rank(), dist.world_size()))
+    return evaluate_model(model, loader, val_set.coco_gt(), device, progress, cfg.eval.max_dets)

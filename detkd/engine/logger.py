@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from detkd.runtime.console import info
 from detkd.runtime.dist import is_main
@@ -62,8 +63,6 @@ class Progress:
         self.images = 0
         if enabled and is_main():
             if sys.stderr.isatty():
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True,
                                 mininterval=1.0)
             else:

@@ -130,7 +130,10 @@ def pretrain_backbone(backbone: str, out_dir: str | Path = DEFAULT_OUT, opts: Pr
     """Pre-train ``backbone`` as a digit classifier (module docstring) and return its weights file.
 
     A finished file with the same options is reused as it is (the cache); one with other options is an
-    error, never overwritten. An interrupted run resumes after its last finished epoch."""
+    error, never overwritten. An interrupted run resumes after its last finished epoch.
+
+    Why one function: it is the pre-training script, read top to bottom (the cache, the resume, the
+    epochs, the final file)."""
     opts = opts or PretrainOptions()
     check_options(opts, backbone)
     out = Path(out_dir)

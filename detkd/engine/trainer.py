@@ -7,35 +7,31 @@ are added to the detection loss; everything else is shared.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from detkd.assemble import build_models, feature_loader, resolve_device
 from detkd.config import Config, ConfigError, to_dict
 from detkd.data import build_dataset, build_loader, prepare_batch
 from detkd.data.samplers import ShardSampler, SkipSampler
 from detkd.distill.base import DistillContext
+from detkd.engine.assemble import build_models, feature_loader
 from detkd.engine.evaluate import evaluate_model, shutdown_workers
 from detkd.engine.logger import Progress, RunLogger
 from detkd.engine.schedule import build_optimizer, build_scheduler
 from detkd.engine.step import DistillStep
-from detkd.models import build_detector, checkpoint_state_dict, load_checked
-from detkd.models.weights import check_checkpoint_fits
+from detkd.errors import DistributedError, NonFiniteLossError, RunStopped
 from detkd.runtime import dist
 from detkd.runtime.checkpoint import (
+    FINAL_METRICS,
     first_non_finite,
     latest_checkpoint,
     remove_partial_checkpoints,
@@ -45,58 +41,10 @@ from detkd.runtime.checkpoint import (
 from detkd.runtime.console import info
 from detkd.runtime.faults import fault_point
 from detkd.runtime.files import atomic_write_text
+from detkd.runtime.fingerprint import fingerprint
+from detkd.runtime.rng import gather_rng_states, set_rng_state
 from detkd.runtime.seed import seed_everything
-
-
-class RunStopped(RuntimeError):
-    """The run stopped itself with a message for the user (the CLI prints it and exits with status 1)."""
-
-
-class NonFiniteLossError(RunStopped):
-    """Too many consecutive steps produced a NaN/Inf loss, or the weights themselves became NaN/Inf."""
-
-
-class DistributedError(RunStopped):
-    """A collective operation failed: another rank died, or did not answer within ``train.dist_timeout_s``."""
-
-
-FINAL_METRICS = "final.json"  # in the run folder: the final evaluation, written when the run ends
-_COLLECTIVE_HINTS = ("gloo", "nccl", "timed out", "timeout", "connection", "pair closure", "processgroup",
-                     "socket", "broken pipe")
-
-
-def _is_collective_failure(e: BaseException) -> bool:
-    dist_error = getattr(torch.distributed, "DistError", ())
-    if dist_error and isinstance(e, dist_error):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(h in text for h in _COLLECTIVE_HINTS)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# RNG state (plain containers, so checkpoints load with weights_only=True)
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
+from detkd.runtime.transport import from_bytes, to_bytes
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
@@ -202,28 +150,6 @@ def _check_output_dir(out: Path, resume: bool) -> tuple[Path, dict[str, Any]] | 
     return None
 
 
-def _fingerprint(state: dict[str, Any]) -> str:
-    """A hash of every tensor (and plain value) of a nested state: equal iff bitwise equal."""
-    h = hashlib.sha1()
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, Tensor):
-            h.update(str((obj.dtype, tuple(obj.shape))).encode())
-            h.update(obj.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        elif isinstance(obj, dict):
-            for k in sorted(obj, key=str):
-                h.update(str(k).encode())
-                visit(obj[k])
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                visit(v)
-        else:
-            h.update(repr(obj).encode())
-
-    visit(state)
-    return h.hexdigest()
-
-
 def _agree_across_ranks(distillers: nn.ModuleList) -> None:
     """After a prototype refresh under DDP: every rank must distil against the same prototypes.
 
@@ -231,33 +157,14 @@ def _agree_across_ranks(distillers: nn.ModuleList) -> None:
     they ever are not, rank 0's state is given to every rank (and the disagreement is reported)."""
     if not dist.is_dist() or not distillers:
         return
-    prints = dist.all_gather_objects(_fingerprint(distillers.state_dict()))
+    prints = dist.all_gather_objects(fingerprint(distillers.state_dict()))
     if len(set(prints)) == 1:
         return
     differ = [r for r, p in enumerate(prints) if p != prints[0]]
     info(f"warning: distiller state (prototypes) of rank(s) {differ} differs from rank 0 after the refresh; "
          "using rank 0's on every rank")
-    state = dist.broadcast_object(_to_bytes(distillers.state_dict()) if dist.is_main() else None)
-    distillers.load_state_dict(_from_bytes(state))
-
-
-# Tensors inside objects sent with all_gather_object / broadcast_object_list do not always unpickle on the
-# other side (torch 2.14, gloo: "UntypedStorage has no attribute dtype"): send torch.save bytes instead.
-def _to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _from_bytes(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's :func:`rng_state`, in rank order (a collective under DDP)."""
-    if not dist.is_dist():
-        return [rng_state()]
-    return [_from_bytes(b) for b in dist.all_gather_objects(_to_bytes(rng_state()))]
+    state = dist.broadcast_object(to_bytes(distillers.state_dict()) if dist.is_main() else None)
+    distillers.load_state_dict(from_bytes(state))
 
 
 def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -290,7 +197,7 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     except RunStopped:
         raise
     except Exception as e:
-        if dist.is_dist() and _is_collective_failure(e):
+        if dist.is_dist() and dist.is_collective_failure(e):
             raise _distributed_error(e, run) from e
         raise
     finally:
@@ -312,7 +219,7 @@ def _seed_and_fix_threads(cfg: Config) -> None:
 
 
 def _set_up(cfg: Config, out: Path, device: torch.device, progress: bool) -> Run:
-    """Loaders, models (the student first: see :func:`detkd.assemble.build_models`), optimizer, schedule."""
+    """Loaders, models (the student first: see :func:`detkd.engine.assemble.build_models`), optimizer, schedule."""
     train_set, val_set, train_loader, val_loader, train_sampler = _make_loaders(cfg)
     _, teacher, step = build_models(cfg, device)
     coco_gt = val_set.coco_gt()
@@ -370,7 +277,7 @@ def _log_start(run: Run, resume_from: Path | None) -> None:
         run.logger.log({"kind": "resume", "epoch": state.epoch, "iteration": state.iteration,
                         "checkpoint": str(resume_from)}, state.iteration)
     else:  # the student's starting weights, so runs meant to share a start can be checked (detkd bench)
-        run.logger.log({"kind": "start", "student_init": _fingerprint(step.student.state_dict())}, 0)
+        run.logger.log({"kind": "start", "student_init": fingerprint(step.student.state_dict())}, 0)
     run.context_loader = feature_loader(cfg) if step.distillers else None
     n_params = sum(p.numel() for p in step.student.parameters())
     n_train, n_val = run.sizes
@@ -535,16 +442,3 @@ def train_one_epoch(run: Run, after_step: Callable[[], None] = lambda: None) -> 
         bar.close()
         shutdown_workers(batches)  # now, not when a traceback that holds the iterator is freed
 
-
-def evaluate_checkpoint(cfg: Config, checkpoint: str, progress: bool = True) -> dict[str, float]:
-    """Evaluate a detkd checkpoint, or a plain/exported state dict, with the model of ``cfg``."""
-    device = resolve_device(cfg.train.device, cfg.train.dist_timeout_s)
-    if Path(checkpoint).is_file():
-        check_checkpoint_fits(checkpoint, cfg.model, "model", "--checkpoint")
-    model = build_detector(cfg.model)
-    load_checked(model, checkpoint_state_dict(checkpoint), checkpoint)
-    model.to(device)
-    val_set = build_dataset(cfg.data, "val", cfg.model)
-    loader = build_loader(val_set, cfg.data.batch_size, cfg.data.workers, shuffle=False,
-                          sampler=ShardSampler(len(val_set), dist.rank(), dist.world_size()))
-    return evaluate_model(model, loader, val_set.coco_gt(), device, progress, cfg.eval.max_dets)

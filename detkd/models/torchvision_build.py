@@ -36,8 +36,11 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor, _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
+from torchvision.models.detection.faster_rcnn import _default_anchorgen as rpn_anchorgen
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.retinanet import _default_anchorgen as retina_anchorgen
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -160,11 +163,6 @@ def build_torchvision(cfg, load_trunk=None) -> nn.Module:
     it loads weights itself, plain BN otherwise: ``norm: bn`` gives its weights=None model exactly), and
     ``trainable_layers`` counts MobileNetV3 stages like ResNet ones (as for detkd's own MobileNet).
     """
-    from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
-    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
-    from torchvision.models.detection.faster_rcnn import _default_anchorgen as rpn_anchorgen
-    from torchvision.models.detection.retinanet import _default_anchorgen as retina_anchorgen
-
     name = cfg.torchvision
     norm = FrozenBatchNorm2d if cfg.norm == "frozen_bn" else nn.BatchNorm2d  # torchvision's eps (1e-5) for both
     num_outputs = cfg.num_classes + 1

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.detection._utils import overwrite_eps
 
 from detkd.runtime.checkpoint import CheckpointError, load_checkpoint
 from detkd.runtime.console import info
@@ -165,8 +166,6 @@ def load_detector_weights(model: nn.Module, source: str, what: str) -> None:
     skipped = load_checked(model, state, source, skip_mismatched=CLASS_LAYERS if from_torchvision else ())
     if source in ZERO_EPS_WEIGHTS:
         # these two were trained with frozen BN of eps 0; torchvision's builders set it the same way
-        from torchvision.models.detection._utils import overwrite_eps
-
         overwrite_eps(model, 0.0)
     info(f"detector {what}: loaded {source}")
     if skipped:

@@ -10,12 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from detkd.errors import CheckpointError  # defined there, so the CLI catches it without importing torch
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_bytes, partial_files
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, unsafe or does not fit the model."""
+FINAL_METRICS = "final.json"  # in a run folder: the final evaluation, written when the run ends (detkd bench reads it)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -105,3 +104,13 @@ def first_non_finite(named: dict[str, Tensor]) -> str | None:
         if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
+
+
+def pick_checkpoint(run_dir: Path, name: str) -> Path:
+    """The checkpoint ``name`` of a run folder; ``best.pt`` falls back to ``last.pt``."""
+    path = run_dir / name
+    if path.is_file():
+        return path
+    if name == "best.pt" and (run_dir / "last.pt").is_file():
+        return run_dir / "last.pt"  # runs without evaluation have no best.pt
+    raise CheckpointError(f"no checkpoint {name} in run directory {run_dir}")

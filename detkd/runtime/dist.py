@@ -86,3 +86,17 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t / world_size()
+
+
+# What a failed collective's message says when torch raises a plain RuntimeError (gloo and NCCL do not
+# always raise torch.distributed.DistError): guessed from the text, so a rank whose peer died is told so.
+_COLLECTIVE_HINTS = ("gloo", "nccl", "timed out", "timeout", "connection", "pair closure", "processgroup",
+                     "socket", "broken pipe")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(e, dist_error):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(h in text for h in _COLLECTIVE_HINTS)

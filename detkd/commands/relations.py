@@ -4,13 +4,13 @@
 level l and one class c, let (f_i^t, f_i^s), i = 1..N, be the teacher / student features of the class's
 instances, extracted exactly as the global method's prototype bank does (ground-truth boxes of the
 non-augmented training set, RoIAlign / crop mean on level l, the run's ``extraction``, ``min_box`` and
-images-per-class cap: :meth:`detkd.distill.prototype_pool.PrototypeBank.extract_pool`). Three kinds of K
+images-per-class cap: :meth:`detkd.distill.global_kd.pool.PrototypeBank.extract_pool`). Three kinds of K
 basis pairs (g_k^t, g_k^s) are built from them, each a pair of vectors of the SAME basis in both spaces:
 
 - ``prototypes``: the K instances chosen by PGM (Alg. 1, Eq. 2-5), with the run's ``lam`` and PGM options
-  (:func:`detkd.distill.prototypes.generate`, ``"pgm"``): g_k = (f_{i_k}^t, f_{i_k}^s);
+  (:func:`detkd.distill.global_kd.prototypes.generate`, ``"pgm"``): g_k = (f_{i_k}^t, f_{i_k}^s);
 - ``random``: K distinct instances drawn uniformly (seeded): g_k = (f_{i_k}^t, f_{i_k}^s);
-- ``kmeans``: Lloyd's K-means (k-means++ seeding, :func:`detkd.distill.prototypes.kmeans`) in the teacher
+- ``kmeans``: Lloyd's K-means (k-means++ seeding, :func:`detkd.distill.global_kd.prototypes.kmeans`) in the teacher
   space (``kmeans_space="student"``: the student's); centre k of the pair is the mean of the SAME cluster
   members in each space, g_k^t = mean_{i in C_k} f_i^t, g_k^s = mean_{i in C_k} f_i^s (in the clustering
   space that is the K-means centre itself).
@@ -28,7 +28,7 @@ other instance i two relations are measured, each in both spaces:
 
 - ``projection`` (the global knowledge of Sec. 3.2, the relation our ``global`` distiller trains on):
   Lambda_i^t, Lambda_i^s = P_{G_t, G_s}(f_i^t, f_i^s), the sequential coupled coefficients of Eq. 5 over
-  the K bases (:func:`detkd.distill.pgm.project`, the run's ``lam`` and ``normalize``), and
+  the K bases (:func:`detkd.distill.global_kd.pgm.project`, the run's ``lam`` and ``normalize``), and
 
       d_i = || Lambda_i^s - Lambda_i^t ||_2                                     (Eq. 8: sigma_i = 1 - d_i)
 
@@ -50,18 +50,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.assemble import feature_loader, load_student, load_teacher, resolve_device
 from detkd.config import Config, ConfigError, to_dict
 from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
-from detkd.distill.pgm import project
-from detkd.distill.prototypes import generate, kmeans
+from detkd.distill.global_kd.pgm import project
+from detkd.distill.global_kd.prototypes import generate, kmeans
+from detkd.engine.assemble import feature_loader, load_student, load_teacher, prototype_method, resolve_device
 from detkd.models import paired_channels, pyramid_levels
-from detkd.prototype_export import prototype_method
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
 
@@ -88,7 +88,7 @@ class Bases:
 
 
 def kmeans_bases(feat_t: Tensor, feat_s: Tensor, k: int, *, seed: int = 0, space: str = "teacher") -> Bases:
-    """K-means (:func:`detkd.distill.prototypes.kmeans`) in one space; centre k = the mean of cluster k's
+    """K-means (:func:`detkd.distill.global_kd.prototypes.kmeans`) in one space; centre k = the mean of cluster k's
     members in EACH space (so the pair describes the same group of instances in both)."""
     if space not in ("teacher", "student"):
         raise ValueError(f"kmeans space: {space!r} is not 'teacher' or 'student'")
@@ -130,7 +130,7 @@ def relations(
 ) -> tuple[Tensor, Tensor]:
     """(R^t, R^s), each (N, K): the relation of every instance to the K bases in the teacher and in the student
     space. ``cosine``: R_ik = cos(f_i, g_k) (a zero vector has cosine 0). ``projection``: the Eq. 5
-    coordinates Lambda^t, Lambda^s (:func:`detkd.distill.pgm.project` with ``lam``, ``normalize``)."""
+    coordinates Lambda^t, Lambda^s (:func:`detkd.distill.global_kd.pgm.project` with ``lam``, ``normalize``)."""
     ft, fs = feat_t.float(), feat_s.float()
     if relation == "cosine":
         return (F.normalize(ft, dim=1) @ F.normalize(bases.teacher, dim=1).T,
@@ -265,12 +265,11 @@ def summarize(result: RelationResult, level_names: Sequence[str] | None = None) 
 def plot_relation_histograms(result: RelationResult, path: str | Path, title: str = "", bins: int = 40) -> Path:
     """PNG with one panel per relation: the discrepancy histograms of the three kinds overlaid (shared bins up
     to the 99.5th percentile of all values; larger values go to the last bin), means in the legend."""
+    # matplotlib only when a plot is drawn (slow to import), its file backend chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    import matplotlib.pyplot as plt  # after matplotlib.use
     rels = list(result.values)
     fig, axes = plt.subplots(1, len(rels), figsize=(6.0 * len(rels), 4.2), squeeze=False)
     for ax, r in zip(axes[0], rels):
@@ -301,6 +300,18 @@ def plot_relation_histograms(result: RelationResult, path: str | Path, title: st
     return path
 
 
+def _check_arguments(cfg: Config, k: int | None, images: int | None, kmeans_space: str) -> None:
+    if cfg.distill is None:
+        raise ConfigError("the config has no distill section: `detkd analyze relations` needs a distillation "
+                          "config naming the teacher (distill.teacher / teacher_checkpoint)")
+    if k is not None and k < 1:
+        raise ConfigError(f"--k: must be >= 1, got {k}")
+    if images is not None and images < 0:
+        raise ConfigError(f"--images: must be >= 0 (0 = every image), got {images}")
+    if kmeans_space not in ("teacher", "student"):
+        raise ConfigError(f"--kmeans-space: {kmeans_space!r} is not 'teacher' or 'student'")
+
+
 def analyze_relations(
     cfg: Config,
     checkpoint: str,
@@ -316,17 +327,9 @@ def analyze_relations(
     the JSON summary. ``k`` (bases per class; default the run's prototype ``k``) and ``images`` (images per
     class in the instance pool; default the run's ``max_images_per_class``) override the run's options; the
     other options (``lam``, ``normalize``, PGM options, extraction, ``min_box``) are the run's prototype
-    method's (:func:`detkd.prototype_export.prototype_method`)."""
+    method's (:func:`detkd.engine.assemble.prototype_method`)."""
     t0 = time.perf_counter()
-    if cfg.distill is None:
-        raise ConfigError("the config has no distill section: `detkd analyze relations` needs a distillation "
-                          "config naming the teacher (distill.teacher / teacher_checkpoint)")
-    if k is not None and k < 1:
-        raise ConfigError(f"--k: must be >= 1, got {k}")
-    if images is not None and images < 0:
-        raise ConfigError(f"--images: must be >= 0 (0 = every image), got {images}")
-    if kmeans_space not in ("teacher", "student"):
-        raise ConfigError(f"--kmeans-space: {kmeans_space!r} is not 'teacher' or 'student'")
+    _check_arguments(cfg, k, images, kmeans_space)
     name, options = prototype_method(cfg)
     options = {**options, "generator": "pgm"}  # the bank's PGM options (gen_opts) are the prototypes kind's
     if k is not None:

@@ -21,17 +21,8 @@ import torch
 from detkd.config import ConfigError, ModelConfig, from_dict
 from detkd.models import build_detector
 from detkd.models import torchvision_build as tvb
-from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, pick_checkpoint, save_checkpoint
 from detkd.runtime.files import atomic_write_text
-
-
-def pick_checkpoint(run_dir: Path, name: str) -> Path:
-    path = run_dir / name
-    if path.is_file():
-        return path
-    if name == "best.pt" and (run_dir / "last.pt").is_file():
-        return run_dir / "last.pt"  # runs without evaluation have no best.pt
-    raise CheckpointError(f"no checkpoint {name} in run directory {run_dir}")
 
 
 def export_student(run_dir: str | Path, out: str | Path, checkpoint: str = "best.pt", torchscript: bool = False,

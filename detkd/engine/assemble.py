@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,9 +14,9 @@ from torch.utils.data import DataLoader
 from detkd.config import Config, ConfigError, ModelConfig
 from detkd.data import build_dataset, build_loader
 from detkd.data.samplers import ShardSampler
-from detkd.distill import build_distiller
+from detkd.distill import REGISTRY, build_distiller
+from detkd.distill.global_kd.base import PrototypeDistiller
 from detkd.engine.step import DistillStep
-from detkd.head_walk import head_depth
 from detkd.models import (
     build_detector,
     check_pair,
@@ -28,6 +29,7 @@ from detkd.models.weights import check_checkpoint_fits
 from detkd.runtime import dist
 from detkd.runtime.checkpoint import CheckpointError
 from detkd.runtime.console import info
+from detkd.taps.head_walk import head_depth
 
 
 def resolve_device(name: str, timeout_s: int = 600) -> torch.device:
@@ -194,3 +196,12 @@ def load_student(cfg: Config, checkpoint: str) -> nn.Module:
         raise CheckpointError(f"--checkpoint: {e} (model {cfg.model.arch}/{cfg.model.backbone}, "
                               f"{cfg.model.num_classes} classes, fpn_channels {cfg.model.fpn_channels})") from None
     return student
+
+
+def prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """(name, options) of the first method of the run that uses a prototype bank, else ``global``'s defaults."""
+    for m in cfg.distill.methods:
+        cls = REGISTRY.get(m.name)
+        if cls is not None and issubclass(cls, PrototypeDistiller):
+            return m.name, dict(m.options)
+    return "global", {}

@@ -2,7 +2,7 @@
 
 The selection is the training one: the prototype bank of the run's first prototype method (``global``,
 ``defeat_proto``, ``kd_proto``, ``rkd_proto``; ``global`` with default options when the run has none)
-is refreshed exactly as before an epoch (:meth:`detkd.distill.prototype_pool.PrototypeBank.refresh` on the
+is refreshed exactly as before an epoch (:meth:`detkd.distill.global_kd.pool.PrototypeBank.refresh` on the
 non-augmented training loader), with the teacher of ``distill.teacher_checkpoint`` and the student of
 ``--checkpoint``. Written to ``OUT``:
 
@@ -27,17 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+from torch import Tensor
 
-from detkd.assemble import feature_loader, load_student, load_teacher, resolve_device
 from detkd.config import Config, ConfigError, to_dict
-from detkd.distill import REGISTRY, build_distiller
+from detkd.distill import build_distiller
 from detkd.distill.base import DistillContext
-from detkd.distill.global_kd import PrototypeDistiller
+from detkd.engine.assemble import feature_loader, load_student, load_teacher, prototype_method, resolve_device
 from detkd.models import paired_channels, pyramid_levels
 from detkd.runtime import dist
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
+from detkd.viz.draw import label_font
 
 CELL = 96  # px of one gallery crop (its longer side)
 GAP = 4  # px between cells
@@ -49,15 +50,6 @@ BACKGROUND = (255, 255, 255)
 
 # ----------------------------------------------------------------------------------------------------------
 # Models and the bank
-
-
-def prototype_method(cfg: Config) -> tuple[str, dict[str, Any]]:
-    """(name, options) of the first method of the run that uses a prototype bank, else ``global``'s defaults."""
-    for m in cfg.distill.methods:
-        cls = REGISTRY.get(m.name)
-        if cls is not None and issubclass(cls, PrototypeDistiller):
-            return m.name, dict(m.options)
-    return "global", {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,13 +75,6 @@ def instance_table(coco_gt: dict[str, Any]) -> tuple[dict[int, str], dict[tuple[
 
 # ----------------------------------------------------------------------------------------------------------
 # Gallery
-
-
-def label_font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no size argument
-        return ImageFont.load_default()
 
 
 def crop_instance(path: str, box: list[float], cell: int = CELL) -> Image.Image:
@@ -135,6 +120,54 @@ def draw_gallery(rows: list[tuple[str, list[tuple[str, list[float]]]]], title: s
 # The command
 
 
+def prototype_boxes(keys: Tensor, table: dict[tuple[int, int], tuple[list[float], int]], c: int,
+                    lv: int) -> list[list[float]]:
+    """The original boxes of the prototypes ``keys`` (K, 2) (image id, box index) of class ``c`` on level
+    ``lv``, checked against the ground truth (:func:`instance_table`)."""
+    found = []
+    for rank, (img, j) in enumerate(keys.tolist()):
+        if (img, j) not in table:
+            raise RuntimeError(f"prototype {rank} of class {c}, level {lv}: image id {img} box {j} is not "
+                               "in the training set's ground truth; the data changed during the export")
+        box, label = table[(img, j)]
+        if label != c:
+            raise RuntimeError(f"prototype {rank} of class {c}, level {lv}: image id {img} box {j} has "
+                               f"label {label} in the ground truth; the bank and the data set disagree")
+        found.append(box)
+    return found
+
+
+def level_entries(lv: int, per_class: dict[int, Any], pgm_costs: dict, keys: Tensor,
+                  table: dict[tuple[int, int], tuple[list[float], int]], files: dict[int, str],
+                  class_names: dict[int, str], pool_counts: list[int]) -> tuple[dict, dict, list]:
+    """Level ``lv``'s prototypes per class: the ``prototypes.pt`` entries, the ``prototypes.json`` entries and
+    the gallery rows."""
+    classes_pt: dict[int, dict[str, Any]] = {}
+    classes_json: dict[str, Any] = {}
+    gallery_rows = []
+    for c in sorted(per_class):
+        p = per_class[c]
+        k = keys[p.indices]
+        found = prototype_boxes(k, table, c, lv)
+        costs = pgm_costs.get((lv, c))
+        classes_pt[c] = {
+            "indices": p.indices.clone(), "image_ids": k[:, 0].clone(), "box_index": k[:, 1].clone(),
+            "boxes": torch.tensor(found, dtype=torch.float32).reshape(-1, 4), "teacher": p.teacher.clone(),
+            "student": p.student.clone(),
+            "costs": torch.tensor(costs, dtype=torch.float64) if costs is not None else None,
+        }
+        instances = [
+            {"rank": r, "index": int(i), "image_id": int(img), "box_index": int(j),
+             "file": files[int(img)], "box_xyxy": [round(v, 2) for v in box]}
+            for r, (i, (img, j), box) in enumerate(zip(p.indices.tolist(), k.tolist(), found))
+        ]
+        classes_json[str(c)] = {"name": class_names.get(c, str(c)), "pool_instances": pool_counts[c],
+                                "instances": instances, "pgm_costs": costs}
+        label = f"{class_names.get(c, str(c))}\n({pool_counts[c]} inst.)"
+        gallery_rows.append((label, [(files[int(img)], box) for (img, _), box in zip(k.tolist(), found)]))
+    return classes_pt, classes_json, gallery_rows
+
+
 def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     """Select the prototypes with the teacher of ``cfg.distill`` and the student weights in ``checkpoint``
     exactly as a training epoch would, and write ``prototypes.pt``, ``prototypes.json`` and one
@@ -145,7 +178,6 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
                           "(distill.teacher / teacher_checkpoint and methods, e.g. configs/digits/*_global.yaml)")
     out = Path(out)
     device = resolve_device(cfg.train.device)
-
 
     name, options = prototype_method(cfg)
     info(f"prototypes: method {name!r} options {options or '(defaults)'}; loading teacher and student")
@@ -183,39 +215,8 @@ def export_prototypes(cfg: Config, checkpoint: str, out: str | Path) -> Path:
     levels_pt: list[dict[str, Any]] = []
     levels_json: list[dict[str, Any]] = []
     for lv, per_class in enumerate(bank.protos):
-        classes_pt: dict[int, dict[str, Any]] = {}
-        classes_json: dict[str, Any] = {}
-        gallery_rows = []
-        for c in sorted(per_class):
-            p = per_class[c]
-            k = keys[p.indices]
-            found = []
-            for rank, (img, j) in enumerate(k.tolist()):
-                if (img, j) not in table:
-                    raise RuntimeError(f"prototype {rank} of class {c}, level {lv}: image id {img} box {j} is not "
-                                       "in the training set's ground truth; the data changed during the export")
-                box, label = table[(img, j)]
-                if label != c:
-                    raise RuntimeError(f"prototype {rank} of class {c}, level {lv}: image id {img} box {j} has "
-                                       f"label {label} in the ground truth; the bank and the data set disagree")
-                found.append(box)
-            boxes = torch.tensor(found, dtype=torch.float32).reshape(-1, 4)
-            costs = bank.pgm_costs.get((lv, c))
-            classes_pt[c] = {
-                "indices": p.indices.clone(), "image_ids": k[:, 0].clone(), "box_index": k[:, 1].clone(),
-                "boxes": boxes, "teacher": p.teacher.clone(), "student": p.student.clone(),
-                "costs": torch.tensor(costs, dtype=torch.float64) if costs is not None else None,
-            }
-            instances = [
-                {"rank": r, "index": int(i), "image_id": int(img), "box_index": int(j),
-                 "file": files[int(img)], "box_xyxy": [round(v, 2) for v in box]}
-                for r, (i, (img, j), box) in enumerate(zip(p.indices.tolist(), k.tolist(), found))
-            ]
-            classes_json[str(c)] = {"name": class_names.get(c, str(c)), "pool_instances": pool_counts[c],
-                                    "instances": instances, "pgm_costs": costs}
-            label = f"{class_names.get(c, str(c))}\n({pool_counts[c]} inst.)"
-            gallery_rows.append((label, [(files[int(img)], box)
-                                                            for (img, _), box in zip(k.tolist(), found)]))
+        classes_pt, classes_json, gallery_rows = level_entries(lv, per_class, bank.pgm_costs, keys, table, files,
+                                                               class_names, pool_counts)
         gallery = out / f"gallery_level{lv}.png"
         info(f"prototypes: level {lv} ({level_names[lv]}): {len(per_class)} classes -> {gallery}")
         title = f"level {lv} ({level_names[lv]}), {bank.opts.generator}, K={bank.opts.k}"

@@ -1,7 +1,7 @@
 """The global method's per-batch pieces (Tang et al., "Distilling Object Detectors with Global Knowledge",
 ECCV 2022): a batch's instances and their relations to the prototypes (Eq. 5), sigma (Eq. 8), the L_global
-terms (Eq. 6) and the feature masks of L_local_feat (Eq. 7). :mod:`detkd.distill.global_kd` documents the
-decisions; this module holds the math it and :mod:`detkd.distill.prototype_variants` share."""
+terms (Eq. 6) and the feature masks of L_local_feat (Eq. 7). :mod:`detkd.distill.global_kd.distiller` documents the
+decisions; this module holds the math it and :mod:`detkd.distill.global_kd.variants` share."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.distill.common import (
-    box_cell_ranges,
-    weighted_box_mask,
-)
-from detkd.distill.prototypes import Prototypes
+from detkd.distill.global_kd.prototypes import Prototypes
+from detkd.distill.masks import box_cell_ranges, weighted_box_mask
 from detkd.taps import Taps
 
 
@@ -41,7 +38,7 @@ class Instances:
 class LevelRelations:
     """One pyramid level: pooled instance features and the Eq. 5 coordinates of the M instances whose class
     has prototypes, all classes together (zero beyond a row's own K_c, see
-    :func:`detkd.distill.pgm.project_grouped`).
+    :func:`detkd.distill.global_kd.pgm.project_grouped`).
 
     ``groups`` splits the coordinates per class, in ascending class order: (instance indices,
     Lambda^t (n, K_c), Lambda^s (n, K_c), prototypes).
@@ -124,7 +121,7 @@ def ordered_box_mask(boxes: Tensor, weights: Tensor, height: int, width: int, st
                      cell_range: str = "cover", mask_rule: str = "max") -> tuple[Tensor, Tensor]:
     """(height, width) map of per-box ``weights`` (M,) on one level, and the (height, width) bool cells written.
 
-    ``cell_range``: ``cover`` = :func:`detkd.distill.common.box_cell_ranges` (floor start, ceil end, >= 1
+    ``cell_range``: ``cover`` = :func:`detkd.distill.masks.box_cell_ranges` (floor start, ceil end, >= 1
     cell); ``floor`` (authors' code) = columns int(x1 / s) .. int(x2 / s) - 1 clipped to the map (a box
     whose edge falls on a stride multiple does not reach the next cell), rows likewise; a box with no
     column or no row in that range marks the single cell (int(y1 / s), int(x1 / s)).

@@ -133,10 +133,11 @@ def format_csv(table: list[dict[str, Any]]) -> str:
 def plot_bars(table: list[dict[str, Any]], path: Path, pre: int = 0, title: str = "") -> None:
     """mean mAP per row with its 95% interval over seeds as error bars (none for one seed), * over the rows
     whose paired gain over the baseline is significant; the teacher as a dashed line."""
+    # matplotlib only when a plot is drawn (slow to import), its file backend chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use
 
     rows = [e for e in table if e["row"] != "teacher"]
     teacher = next((e for e in table if e["row"] == "teacher"), None)

@@ -17,7 +17,7 @@ Decisions this module makes (the paper leaves them open):
   ends included, so a box whose right / bottom edge falls on a stride multiple also takes the next column /
   row (clipped to the map).
 
-The prototype pool (which instances, extracted where, gathered how) is :mod:`detkd.distill.prototype_pool`.
+The prototype pool (which instances, extracted where, gathered how) is :mod:`detkd.distill.global_kd.pool`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from detkd.distill.common import box_cell_ranges
-from detkd.distill.pgm import select_prototypes
+from detkd.distill.global_kd.pgm import select_prototypes
+from detkd.distill.masks import box_cell_ranges
 from detkd.taps import Taps, pool_boxes
 
 GENERATORS = (
@@ -53,7 +53,7 @@ EXTRACTIONS = ("roi_align", "crop_mean", "crop_mean_inclusive")
 def _crop_mean(feature: Tensor, boxes: Tensor, image_index: Tensor, stride: float,
                inclusive: bool = False) -> Tensor:
     """Mean of the cells a box covers on one map (N, C, H, W): the cells of
-    :func:`detkd.distill.common.box_cell_ranges` (start floored, end ceiled, >= 1 cell), or with ``inclusive``
+    :func:`detkd.distill.masks.box_cell_ranges` (start floored, end ceiled, >= 1 cell), or with ``inclusive``
     the authors' int(x1 / s) .. int(x2 / s) + 1 (exclusive end) clipped to the map, >= 1 cell."""
     h, w = feature.shape[-2:]
     if inclusive:  # int() truncates like the authors' int(abs(x) / s); boxes are non-negative here
@@ -214,7 +214,7 @@ def generate(
 ) -> Tensor:
     """Indices (K',) int64 of the prototypes among N paired instances (``feat_t`` (N, Dt), ``feat_s`` (N, Ds)).
 
-    - ``pgm``: Alg. 1 (:func:`detkd.distill.pgm.select_prototypes`, ``lam`` and ``pgm_opts`` passed on);
+    - ``pgm``: Alg. 1 (:func:`detkd.distill.global_kd.pgm.select_prototypes`, ``lam`` and ``pgm_opts`` passed on);
     - ``kmeans_teacher`` / ``kmeans_student``: K-means in one space, then the instance nearest each centre;
     - ``dbscan_teacher`` / ``dbscan_student``: DBSCAN in one space, the instance nearest each cluster's
       mean, largest clusters first, at most K (fewer when there are fewer clusters);

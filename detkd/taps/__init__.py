@@ -25,8 +25,8 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
 from detkd.data import kept_boxes, scale_image
-from detkd.head_walk import head_tail, run_head
 from detkd.models.build import detector_arch
+from detkd.taps.head_walk import head_tail, run_head
 
 
 @dataclass

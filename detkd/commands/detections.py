@@ -20,24 +20,22 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
-from detkd.assemble import load_student, load_teacher, resolve_device
 from detkd.config import Config, ConfigError
 from detkd.data import build_dataset, build_loader
-from detkd.engine.evaluate import predict
-from detkd.prototype_export import label_font
+from detkd.engine.assemble import load_student, load_teacher, resolve_device
+from detkd.engine.evaluate import detect
 from detkd.runtime.checkpoint import CheckpointError
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
+from detkd.viz.draw import FP_COLOR, GT_COLOR, TP_COLOR, draw_detections, label_font
 
 CELL = 256  # px of a grid cell (the image's longer side is scaled to it)
 GAP = 6  # px between cells
 HEADER_H = 24  # px of the column-label band
 GRID_BACKGROUND = (255, 255, 255)
 CELL_BACKGROUND = (235, 235, 235)
-TP_COLOR = (0, 170, 0)
-FP_COLOR = (230, 0, 0)
-GT_COLOR = (0, 90, 255)
 IOU_MATCH = 0.5
 
 
@@ -84,8 +82,6 @@ def match_detections(boxes: Tensor, labels: Tensor, scores: Tensor, gt_boxes: Te
                      iou: float = IOU_MATCH) -> Tensor:
     """(M,) bool: detection j matches a ground-truth box of its class with IoU >= ``iou`` not matched by a
     higher-scoring detection (greedy, highest score first, as in COCO / VOC evaluation)."""
-    from torchvision.ops import box_iou
-
     hit = torch.zeros(boxes.shape[0], dtype=torch.bool)
     if boxes.shape[0] == 0 or gt_boxes.shape[0] == 0:
         return hit
@@ -99,39 +95,6 @@ def match_detections(boxes: Tensor, labels: Tensor, scores: Tensor, gt_boxes: Te
             taken[best] = True
             hit[j] = True
     return hit
-
-
-def draw_detections(
-    image: Image.Image,
-    boxes: Tensor,
-    labels: Tensor,
-    scores: Tensor | None = None,
-    *,
-    class_names: dict[int, str] | None = None,
-    colors: Sequence[tuple[int, int, int]] | None = None,
-    scale: float = 1.0,
-    width: int = 2,
-) -> Image.Image:
-    """A copy of ``image`` with ``boxes`` (M, 4) xyxy (times ``scale``) outlined, each labelled with its class
-    name (``class_names`` id -> name, else the id) and, when given, score. ``colors``: one RGB per box
-    (default red)."""
-    out = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(out)
-    font = label_font(11)
-    names = class_names or {}
-    for j, (box, lab) in enumerate(zip(boxes.tolist(), labels.tolist())):
-        color = tuple(colors[j]) if colors is not None else FP_COLOR
-        x0, y0, x1, y1 = (v * scale for v in box)
-        draw.rectangle((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)), outline=color, width=width)
-        text = names.get(int(lab), str(int(lab)))
-        if scores is not None:
-            text = f"{text} {float(scores[j]):.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left, bottom - top
-        ty = y0 - th - 3 if y0 - th - 3 >= 0 else y0 + 1
-        draw.rectangle((x0, ty, x0 + tw + 4, ty + th + 3), fill=color)
-        draw.text((x0 + 2 - left, ty + 1 - top), text, fill=(255, 255, 255), font=font)
-    return out
 
 
 def fit_to_cell(image: Image.Image, cell: int = CELL) -> tuple[Image.Image, float]:
@@ -195,6 +158,67 @@ def _ground_truth(coco_gt: dict[str, Any]) -> dict[int, tuple[Tensor, Tensor]]:
             for img, b in boxes.items()}
 
 
+def _kept_detections(dets: list[dict], image_ids: list[int], truth: dict[int, tuple[Tensor, Tensor]],
+                     score: float) -> dict[int, dict[str, Tensor]]:
+    """Per image, the detections of one model with at least ``score``, best first, xyxy in original image
+    coordinates, and which of them match a ground-truth box (:func:`match_detections`)."""
+    empty = (torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64))
+    found: dict[int, dict[str, Tensor]] = {}
+    for img in image_ids:
+        mine = sorted((d for d in dets if int(d["image_id"]) == img and d["score"] >= score),
+                      key=lambda d: -d["score"])
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]).reshape(-1, 4)
+        labels = torch.tensor([int(d["category_id"]) for d in mine], dtype=torch.int64)
+        scores = torch.tensor([float(d["score"]) for d in mine])
+        g_boxes, g_labels = truth.get(img, empty)
+        found[img] = {"boxes": boxes, "labels": labels, "scores": scores,
+                      "correct": match_detections(boxes, labels, scores, g_boxes, g_labels)}
+    return found
+
+
+def _draw_row(file: str, img: int, per_column: list[dict[int, dict[str, Tensor]]], class_names: dict[int, str],
+              cell: int) -> list[Image.Image]:
+    """One row of the grid: image ``img`` drawn with each column's boxes (ground truth, or detections coloured
+    by whether they match)."""
+    with Image.open(file) as im:
+        base, scale = fit_to_cell(im.convert("RGB"), cell)
+    row = []
+    for dets_of in per_column:
+        d = dets_of[img]
+        if "scores" not in d:  # ground truth
+            colors = [GT_COLOR] * d["boxes"].shape[0]
+            row.append(draw_detections(base, d["boxes"], d["labels"], None, class_names=class_names,
+                                       colors=colors, scale=scale))
+        else:
+            colors = [TP_COLOR if ok else FP_COLOR for ok in d["correct"].tolist()]
+            row.append(draw_detections(base, d["boxes"], d["labels"], d["scores"], class_names=class_names,
+                                       colors=colors, scale=scale))
+    return row
+
+
+def _listing(columns: list[tuple[str, nn.Module | None]], per_column: list[dict[int, dict[str, Tensor]]],
+             files: dict[int, str], image_ids: list[int], class_names: dict[int, str], score: float,
+             checkpoints: dict[str, str]) -> dict[str, Any]:
+    """The ``.json`` next to the grid: what each column drew on each image."""
+    listing: dict[str, Any] = {
+        "score_threshold": score, "iou_match": IOU_MATCH, "columns": [label for label, _ in columns],
+        "checkpoints": checkpoints,
+        "images": [{"image_id": img, "file": files[img]} for img in image_ids],
+        "detections": {},
+    }
+    for (label, _), dets_of in zip(columns, per_column):
+        listing["detections"][label] = {
+            str(img): [
+                {"box_xyxy": [round(v, 2) for v in b], "label": int(lab), "name": class_names.get(int(lab), ""),
+                 **({"score": round(float(d["scores"][j]), 4), "correct": bool(d["correct"][j])}
+                    if "scores" in d else {})}
+                for j, (b, lab) in enumerate(zip(d["boxes"].tolist(), d["labels"].tolist()))
+            ]
+            for img, d in dets_of.items()
+        }
+    return listing
+
+
 def compare_detections(
     cfg: Config,
     models: Sequence[tuple[str, str]],
@@ -252,57 +276,17 @@ def compare_detections(
             continue
         info(f"detections: {label} on {len(chosen)} validation images")
         loader = build_loader(val, cfg.data.batch_size, 0, shuffle=False, sampler=chosen)
-        dets = predict(model.to(device), loader, device, progress=False)
+        dets = detect(model.to(device), loader, device, progress=False)
         model.cpu()
-        found: dict[int, dict[str, Tensor]] = {}
-        for img in image_ids:
-            mine = sorted((d for d in dets if int(d["image_id"]) == img and d["score"] >= score),
-                          key=lambda d: -d["score"])
-            boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]).reshape(-1, 4)
-            labels = torch.tensor([int(d["category_id"]) for d in mine], dtype=torch.int64)
-            scores = torch.tensor([float(d["score"]) for d in mine])
-            g_boxes, g_labels = truth.get(img, empty)
-            found[img] = {"boxes": boxes, "labels": labels, "scores": scores,
-                          "correct": match_detections(boxes, labels, scores, g_boxes, g_labels)}
-        per_column.append(found)
+        per_column.append(_kept_detections(dets, image_ids, truth, score))
 
-    cells: list[list[Image.Image]] = []
-    for img in image_ids:
-        with Image.open(files[img]) as im:
-            base, scale = fit_to_cell(im.convert("RGB"), cell)
-        row = []
-        for dets_of in per_column:
-            d = dets_of[img]
-            if "scores" not in d:  # ground truth
-                colors = [GT_COLOR] * d["boxes"].shape[0]
-                row.append(draw_detections(base, d["boxes"], d["labels"], None, class_names=class_names,
-                                           colors=colors, scale=scale))
-            else:
-                colors = [TP_COLOR if ok else FP_COLOR for ok in d["correct"].tolist()]
-                row.append(draw_detections(base, d["boxes"], d["labels"], d["scores"], class_names=class_names,
-                                           colors=colors, scale=scale))
-        cells.append(row)
+    cells = [_draw_row(files[img], img, per_column, class_names, cell) for img in image_ids]
     grid = detections_grid(cells, [label for label, _ in columns], cell, [f"image {img}" for img in image_ids])
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
 
-    listing = {
-        "score_threshold": score, "iou_match": IOU_MATCH, "columns": [label for label, _ in columns],
-        "checkpoints": {"teacher": cfg.distill.teacher_checkpoint} if teacher and cfg.distill is not None else {},
-        "images": [{"image_id": img, "file": files[img]} for img in image_ids],
-        "detections": {},
-    }
-    listing["checkpoints"].update(dict(models))
-    for (label, _), dets_of in zip(columns, per_column):
-        listing["detections"][label] = {
-            str(img): [
-                {"box_xyxy": [round(v, 2) for v in b], "label": int(lab), "name": class_names.get(int(lab), ""),
-                 **({"score": round(float(d["scores"][j]), 4), "correct": bool(d["correct"][j])}
-                    if "scores" in d else {})}
-                for j, (b, lab) in enumerate(zip(d["boxes"].tolist(), d["labels"].tolist()))
-            ]
-            for img, d in dets_of.items()
-        }
+    checkpoints = {"teacher": cfg.distill.teacher_checkpoint} if teacher and cfg.distill is not None else {}
+    listing = _listing(columns, per_column, files, image_ids, class_names, score, {**checkpoints, **dict(models)})
     atomic_write_text(out.with_suffix(".json"), json.dumps(listing, indent=2))
     info(f"detections: {len(image_ids)} images x {len(columns)} columns -> {out}")
     return out

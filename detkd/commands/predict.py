@@ -19,18 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from detkd.config import ConfigError, ModelConfig, from_dict
 from detkd.data import scale_image
-from detkd.detection_grids import draw_detections
 from detkd.engine.logger import Progress
-from detkd.export import pick_checkpoint
 from detkd.models import build_detector
 from detkd.models.weights import is_weights_name
-from detkd.runtime.checkpoint import CheckpointError, load_checkpoint
+from detkd.runtime.checkpoint import CheckpointError, load_checkpoint, pick_checkpoint
 from detkd.runtime.console import info
+from detkd.viz.draw import draw_detections
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 RESULTS = "detections.json"
@@ -111,8 +111,6 @@ def class_names_for(cfg: ModelConfig, names_file: str | None = None) -> dict[int
         return {i + 1: name for i, name in enumerate(lines)}
 
     if is_weights_name(cfg.weights):
-        import torchvision
-
         try:
             cats = torchvision.models.get_weight(cfg.weights).meta.get("categories", [])
         except (ValueError, KeyError, AttributeError):

@@ -417,21 +417,8 @@ def select_prototypes(
     # Row scales stand for the normalisation: F' = diag(scale) F (the pre-filter's cosine ignores them).
     scale_t, scale_s = (_inverse_norms(f_t), _inverse_norms(f_s)) if normalize else (None, None)
 
-    # Candidate set: None means all N instances (avoids gathering a copy of the features).
-    cand: Tensor | None = None
-    if prefilter and n > 0:
-        cand = density_candidates(
-            f_t, f_s, prefilter_quantile, prefilter_bandwidth, chunk_size=chunk_size
-        )
-        if cand.numel() == n:
-            cand = None
-    n_cand = n if cand is None else cand.numel()
-    if max_candidates is not None and n_cand > max_candidates:
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        keep = torch.randperm(n_cand, generator=gen, device=gen.device)[:max_candidates]
-        keep = keep.sort().values.to(device)
-        cand = keep if cand is None else cand[keep]
-        n_cand = max_candidates
+    cand, n_cand = _candidates(f_t, f_s, prefilter, prefilter_quantile, prefilter_bandwidth, max_candidates,
+                               generator, chunk_size)
 
     steps = k if allow_repeats else min(k, n_cand)
     if n == 0 or steps == 0:
@@ -439,6 +426,29 @@ def select_prototypes(
             torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.float64, device=device)
         )
     return _greedy(f_t, f_s, scale_t, scale_s, steps, lam, cand, allow_repeats, chunk_size)
+
+
+def _candidates(f_t: Tensor, f_s: Tensor, prefilter: bool, quantile: float, bandwidth: float,
+                max_candidates: int | None, generator: torch.Generator | None,
+                chunk_size: int | None) -> tuple[Tensor | None, int]:
+    """The rows PGM may pick (None: all N, which avoids gathering a copy of the features) and their number:
+    the density pre-filter, then a random subset of at most ``max_candidates``."""
+    n = f_t.shape[0]
+    cand: Tensor | None = None
+    if prefilter and n > 0:
+        cand = density_candidates(
+            f_t, f_s, quantile, bandwidth, chunk_size=chunk_size
+        )
+        if cand.numel() == n:
+            cand = None
+    n_cand = n if cand is None else cand.numel()
+    if max_candidates is not None and n_cand > max_candidates:
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        keep = torch.randperm(n_cand, generator=gen, device=gen.device)[:max_candidates]
+        keep = keep.sort().values.to(f_t.device)
+        cand = keep if cand is None else cand[keep]
+        n_cand = max_candidates
+    return cand, n_cand
 
 
 def _rows(f: Tensor, scale: Tensor | None, rows: slice | Tensor) -> Tensor:
@@ -470,6 +480,10 @@ def _greedy(
     """The greedy loop of Alg. 1 on the Gram / rank-one form (module docstring).
 
     The features are diag(scale_t) f_t and diag(scale_s) f_s (scale None = 1); f_* are already in dtype.
+
+    Why one function: the loop's state (running sums, costs, the picked rows and their projections) is updated
+    in place at every pick, the order of those updates is the algorithm; pieces would pass all of it back and
+    forth.
     """
     f64 = torch.float64
     device = f_t.device

@@ -34,11 +34,13 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
 
 from detkd.data import kept_boxes
 from detkd.distill.base import opt
-from detkd.distill.pgm import select_prototypes
-from detkd.distill.prototypes import EXTRACTIONS, GENERATORS, Prototypes, generate, instance_features_levels
+from detkd.distill.global_kd.pgm import select_prototypes
+from detkd.distill.global_kd.prototypes import EXTRACTIONS, GENERATORS, Prototypes, generate, instance_features_levels
 from detkd.runtime.dist import all_gather_cat, all_gather_objects, is_main, rank, world_size
 from detkd.taps import TapRequest, select_levels, tap_teacher, transform_batch
 
@@ -150,8 +152,6 @@ def annotation_index(loader: Any) -> list[tuple[int, int, list[int]]] | None:
     ``sampler`` decides the images (no custom ``batch_sampler``); returns None otherwise. Follows the
     sampler, so under DDP it lists this rank's shard.
     """
-    from torch.utils.data import DataLoader, IterableDataset
-
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return None
     if loader.batch_size is None or not hasattr(loader.dataset, "coco_gt"):
@@ -189,8 +189,6 @@ def select_images(eligible: dict[int, list[int]], cap: int, seed: int) -> set[tu
 
 def _subset_loader(loader: Any, indices: list[int]) -> Any:
     """A DataLoader like ``loader`` (data set, batch size, collate, workers) over the data set ``indices``."""
-    from torch.utils.data import DataLoader
-
     extra: dict[str, Any] = {}
     if loader.num_workers > 0:
         extra = {"prefetch_factor": loader.prefetch_factor, "worker_init_fn": loader.worker_init_fn,
@@ -321,8 +319,6 @@ class PrototypeBank:
         mine = jobs[rank():: world_size()]
         bar = mine
         if progress and is_main():
-            from tqdm import tqdm
-
             # bars on a terminal only: in a log file their carriage returns pile up into one long line
             bar = tqdm(mine, desc=f"prototypes ({self.opts.generator})", leave=False, disable=not sys.stderr.isatty())
         chosen: dict[tuple[int, int], list[int]] = {}
@@ -391,8 +387,6 @@ class PrototypeBank:
         nothing else decoded); otherwise ``context.loader``'s batches sliced to them (empty ones skipped)."""
         bar = None
         if is_main():
-            from tqdm import tqdm
-
             bar = tqdm(desc="prototype features", unit="img", leave=False, disable=not sys.stderr.isatty())
         try:
             if index is not None:

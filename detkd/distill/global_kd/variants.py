@@ -4,7 +4,7 @@ https://arxiv.org/abs/2210.09022, Table 4).
 
 They call the terms of :mod:`detkd.distill.defeat` / :mod:`detkd.distill.kd` (same normalisations and
 defaults) with the prototype-based weights (sigma, Eq. 8); RKD's relation is replaced. The prototype bank
-and its refresh are :class:`detkd.distill.global_kd.PrototypeDistiller`'s.
+and its refresh are :class:`detkd.distill.global_kd.distiller.PrototypeDistiller`'s.
 
 The paper describes these variants in words only (Sec. 4.2: sigma of Eq. 8 as the distilling weight for
 DeFeat and vanilla KD, projection on the prototypes (Eq. 5 coordinates) as RKD's relation; details in its
@@ -21,16 +21,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.distill.base import opt
-from detkd.distill.common import (
-    build_adapters,
-    check_pyramids,
-    graph_zero,
+from detkd.distill.checks import check_pyramids
+from detkd.distill.defeat import (
+    DeFeatOptions,
+    decoupled_feature_loss,
+    decoupled_roi_kd,
+    defeat_request,
+    defeat_setup,
 )
-from detkd.distill.defeat import DeFeatOptions, decoupled_feature_loss, decoupled_roi_kd
-from detkd.distill.global_kd import PrototypeDistiller
-from detkd.distill.global_terms import level_masks
+from detkd.distill.global_kd.base import PrototypeDistiller
+from detkd.distill.global_kd.pool import PrototypeOptions
+from detkd.distill.global_kd.terms import level_masks
 from detkd.distill.kd import KDOptions, dense_kd, roi_kd
-from detkd.distill.prototype_pool import PrototypeOptions
+from detkd.distill.losses import graph_zero
 from detkd.taps import TapRequest, Taps
 
 
@@ -55,12 +58,10 @@ class DeFeatProto(PrototypeDistiller):
     def __init__(self, opts: DeFeatProtoOptions, teacher_channels: list[int], student_channels: list[int],
                  arch: str):
         super().__init__(opts, teacher_channels, student_channels, arch)
-        self.adapters = build_adapters(student_channels, teacher_channels, opts.adapter,
-                                       where="defeat_proto.options.adapter")
-        self.use_roi = opts.roi and arch == "faster_rcnn"
+        self.adapters, self.use_roi = defeat_setup(opts, teacher_channels, student_channels, arch, self.name)
 
     def request(self) -> TapRequest:
-        return TapRequest(features=True, roi_outputs=self.use_roi)
+        return defeat_request(self.use_roi)
 
     def forward(self, teacher: Taps, student: Taps, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         check_pyramids(teacher, student, "defeat_proto")

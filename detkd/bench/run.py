@@ -1,0 +1,175 @@
+"""Running a bench: each run a ``detkd train`` / ``detkd distill`` subprocess, resumed when interrupted,
+skipped when finished; the report rewritten after every run."""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detkd.bench.plan import plan_runs
+from detkd.bench.report import write_report
+from detkd.bench.spec import BenchRun, load_bench, result_path
+from detkd.config import ConfigError, config_from_dict, from_dict
+from detkd.engine.logger import read_jsonl
+from detkd.engine.pretrain import PretrainOptions, ensure_backbone_weights
+from detkd.errors import BenchError
+from detkd.runtime.checkpoint import FINAL_METRICS
+from detkd.runtime.console import info
+from detkd.runtime.files import atomic_write_text
+
+
+def execute(run: BenchRun, out: Path, quiet: bool = True) -> dict[str, Any]:
+    """Run one bench run in a subprocess (resuming it if interrupted); write and return its result."""
+    folder = run.folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / "run.yaml"
+    atomic_write_text(cfg_path, yaml.safe_dump(run.raw, sort_keys=False))
+    cmd = [sys.executable, "-m", "detkd.cli", run.command, str(cfg_path)]
+    if run.command == "eval":
+        cmd += ["--checkpoint", run.checkpoint, "--json", str(folder / "eval.json")]
+    else:
+        cmd += ["--resume"]
+    if quiet:
+        cmd.append("--quiet")
+    log_path = folder / "log.txt"
+    resumed = (folder / "last.pt").is_file()
+    t0 = time.perf_counter()
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own resource usage (peak RSS of the run, not of the bench)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-8:])
+        raise BenchError(f"run {run.name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    metrics = _final_metrics(run, folder, log_path)
+    result = {
+        "name": run.name, "row": run.row, "seed": run.seed, "command": run.command,
+        "epochs": run.raw.get("train", {}).get("epochs"), "metrics": metrics,
+        "student_init": _student_init(folder),
+        "wall_s": wall, "resumed": resumed,  # a resumed run's wall time is that of its last attempt only
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,  # kilobytes on Linux
+        "gpu_peak_mb": metrics.pop("gpu_peak_mb", None),
+        "config": run.raw,
+    }
+    atomic_write_text(result_path(run, out), json.dumps(result, indent=2))
+    return result
+
+
+def _student_init(folder: Path) -> str | None:
+    """The fingerprint of the student's starting weights that the run logged (None for an evaluation)."""
+    log = folder / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    return next((r["student_init"] for r in read_jsonl(log) if r.get("kind") == "start"), None)
+
+
+def _final_metrics(run: BenchRun, folder: Path, log_path: Path) -> dict[str, Any]:
+    path = folder / ("eval.json" if run.command == "eval" else FINAL_METRICS)
+    if not path.is_file():
+        raise BenchError(f"run {run.name}: it wrote no {path.name}; see {log_path}")
+    return json.loads(path.read_text())
+
+
+def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
+              seeds: list[int] | None = None, dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
+    """Plan, run what is not finished, and write the table and plots. Returns the summary."""
+    cfg, methods = load_bench(path, overrides)
+    if seeds:
+        cfg.seeds = seeds
+    runs = plan_runs(cfg, methods, only)
+    pretrain_opts = from_dict(PretrainOptions, cfg.pretrain_options, "pretrain_options")
+    if cfg.pretrain_backbones and not dry_run:
+        # the teacher's (unless a trained one is given) and the student's, before any run needs them
+        for r in ([] if runs[0].command == "eval" else [runs[0]]) + [runs[-1]]:
+            model = config_from_dict(copy.deepcopy({k: v for k, v in r.raw.items() if k != "distill"})).model
+            ensure_backbone_weights(model.backbone, model.backbone_weights, pretrain_opts)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out) if not dry_run else None  # held until this process exits
+    todo = [r for r in runs if not result_path(r, out).is_file()]
+    _check_unchanged([r for r in runs if r not in todo], out)
+    info(f"bench {path}: {len(runs)} runs ({len(runs) - len(todo)} finished earlier), output {out}")
+    if dry_run:
+        for r in runs:
+            state = "done" if r not in todo else "to run"
+            print(f"{r.name:<28} {r.command:<8} {state}")
+        return {}
+    failures: list[str] = []
+    t_start = time.perf_counter()
+    for i, r in enumerate(todo):
+        blocked = _blocked_by(r, failures)
+        if blocked:
+            info(f"[{i + 1}/{len(todo)}] {r.name}: skipped, it needs {blocked} which failed")
+            failures.append(r.name)
+            continue
+        info(f"[{i + 1}/{len(todo)}] {r.name}: {r.command} ({_eta(t_start, i, len(todo))})")
+        try:
+            res = execute(r, out, quiet=quiet)
+        except BenchError as e:
+            info(str(e))
+            failures.append(r.name)
+            continue
+        info(f"[{i + 1}/{len(todo)}] {r.name}: mAP {res['metrics']['mAP']:.4f} in {res['wall_s'] / 60:.1f} min, "
+             f"peak {res['peak_rss_mb']:.0f} MB")
+        write_report(out, runs, cfg)
+    summary = write_report(out, runs, cfg)
+    print(summary["markdown"])
+    if lock is not None:
+        lock.close()
+    if failures:
+        raise BenchError(f"{len(failures)} run(s) failed: {', '.join(failures)} (logs under {out}); rerun the "
+                         "bench to retry them, finished runs are kept")
+    return summary
+
+
+def _check_unchanged(finished: list[BenchRun], out: Path) -> None:
+    """A finished run is reused only if the bench would run it with the same config."""
+    for r in finished:
+        saved = json.loads(result_path(r, out).read_text()).get("config")
+        if saved is not None and saved != r.raw:
+            raise ConfigError(
+                f"bench run {r.name} finished with another config than the bench file gives now; move or delete "
+                f"{r.folder(out)} to run it again, or use another output_dir (nothing was deleted)"
+            )
+
+
+def _lock(out: Path):
+    """An exclusive lock on the bench folder: two benches writing the same runs would corrupt them."""
+    f = (out / ".lock").open("w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(f"another `detkd bench` is running in {out} (it holds {out / '.lock'}); wait for it "
+                          "or use another output_dir") from None
+    return f
+
+
+def _blocked_by(run: BenchRun, failures: list[str]) -> str:
+    """The failed run this one depends on (the teacher, or its seed's pre-training), if any."""
+    needs = []
+    if run.command == "distill":
+        needs.append("teacher")
+    if run.seed >= 0 and run.row not in ("pretrain", "fair_budget"):
+        needs.append(f"seed{run.seed}/pretrain")
+    return next((n for n in needs if n in failures), "")
+
+
+def _eta(t_start: float, done: int, total: int) -> str:
+    if done == 0:
+        return f"{total} to go"
+    per = (time.perf_counter() - t_start) / done
+    return f"{total - done} to go, about {per * (total - done) / 60:.0f} min left"

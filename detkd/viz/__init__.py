@@ -1,0 +1,1 @@
+"""Drawing and plotting shared by the commands (:mod:`detkd.viz.draw`)."""
