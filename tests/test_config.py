@@ -30,7 +30,8 @@ def test_every_shipped_bench_plans_valid_runs(tmp_path):
     from detkd.bench import load_bench, plan_runs
 
     files = sorted(glob.glob("configs/bench/*.yaml"))
-    assert len(files) == 9
+    assert len(files) == 11
+    converged = {"configs/bench/converged_faster_rcnn.yaml", "configs/bench/converged_fcos.yaml"}
     fixed_budget = {"configs/bench/digits_faster_rcnn.yaml", "configs/bench/digits_fcos.yaml"}
     # the cross-family bench takes the FCOS bench's teacher, which this checkout has not trained
     reused = {"configs/bench/digits_fcos_retinanet.yaml"}
@@ -47,6 +48,16 @@ def test_every_shipped_bench_plans_valid_runs(tmp_path):
             assert cfg.pretrain_epochs == 0 and rows == {"teacher", "baseline", "pkd", "pkd_unbalanced"}
             assert {r.raw["model"]["arch"] for r in runs if r.row != "teacher"} == {"retinanet"}
             assert runs[0].raw["model"]["arch"] == "fcos"
+        elif f in converged:  # issue 19: digit-pretrained backbones, the published weights, 5 baseline seeds
+            assert cfg.pretrain_backbones and cfg.pretrain_epochs == 0
+            assert {"teacher", "baseline", "fgfi", "gid", "defeat", "fgd", "kd", "global", "global_conv3x3", "pkd",
+                    "cwd", "mgd"} <= rows
+            assert ("crosskd" in rows) == ("fcos" in f)
+            assert all(r.raw["model"]["backbone_weights"].startswith("runs/pretrain/digits/") for r in runs)
+            assert all(r.raw["model"]["norm"] == "frozen_bn" for r in runs)
+            assert all(r.raw["distill"].get("balance", 0.0) == 0.0 for r in runs if r.command == "distill")
+            assert sorted({r.seed for r in runs if r.row == "baseline"}) == [0, 1, 2, 3, 4]
+            continue
         elif f in fixed_budget:  # the evidence benches: no warm start, the global method and its options
             assert cfg.pretrain_epochs == 0 and {"pretrain", "fair_budget"}.isdisjoint(rows)
             assert {"teacher", "baseline", "fgfi", "gid", "global", "pkd"} <= rows
