@@ -220,3 +220,45 @@ def test_cache_config_keys_are_checked():
     raw["distill"] = {"teacher_checkpoint": "t.pt", "methods": ["fgfi"], "teacher_dtype": "float64"}
     with pytest.raises(ConfigError, match="distill.teacher_dtype"):
         config_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: `detkd distill` with the cache off, on, and on again reading the first run's files
+
+
+@pytest.mark.parametrize("arch,methods", [
+    ("faster_rcnn", ["fgfi", "gid", {"name": "global", "max_images_per_class": 4}]),
+    ("retinanet", ["kd", "crosskd", "defeat_proto"]),
+])
+def test_distilled_runs_match_with_the_cache_off_and_on(arch, methods, tmp_path, capsys):
+    from detkd.config import MethodConfig
+    from detkd.engine.logger import read_jsonl
+    from detkd.engine.trainer import fit
+    from detkd.runtime.checkpoint import save_checkpoint
+    from tests.engine_helpers import tiny_config, tiny_model, with_distill
+
+    torch.manual_seed(1)
+    teacher_path = tmp_path / "teacher.pt"
+    save_checkpoint(teacher_path, {"model": build_detector(tiny_model(arch, fpn=48)).state_dict()})
+    mcfg = [MethodConfig(m) if isinstance(m, str) else
+            MethodConfig(m["name"], options={k: v for k, v in m.items() if k != "name"}) for m in methods]
+    base = tiny_config(tmp_path / "data", tmp_path / "run", arch=arch, epochs=2, train_images=8)
+    base.data.hflip = 0.0  # the digits benches: every epoch feeds the same inputs
+    base = with_distill(base, str(teacher_path), mcfg)
+    results = {}
+    for name, on in (("off", False), ("on", True), ("again", True)):
+        cfg = copy.deepcopy(base)
+        cfg.output_dir = str(tmp_path / name)
+        cfg.distill.teacher_cache = on
+        cfg.distill.cache_dir = str(tmp_path / "cache")
+        metrics = fit(cfg, progress=False)
+        train = [{k: v for k, v in r.items() if not k.endswith("_s") and k != "time"}  # not the timings
+                 for r in read_jsonl(Path(cfg.output_dir) / "metrics.jsonl") if r["kind"] == "train"]
+        results[name] = (train, {k: v for k, v in metrics.items() if not k.endswith("_s")})
+        err = capsys.readouterr().err
+        if name == "on":  # epoch 1 fills the cache (8 images), epoch 2 reads it from memory
+            assert "teacher cache: 8 of 16 images reused (50%)" in err
+        if name == "again":  # another run of the same teacher: the files
+            assert "teacher cache: 16 of 16 images reused (100%)" in err and "8 read from disk" in err
+    assert len(results["off"][0]) == 4
+    assert results["on"] == results["off"] and results["again"] == results["off"]
