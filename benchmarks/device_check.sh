@@ -37,7 +37,7 @@ if [ "$DRY" = 1 ]; then
   PGM_N=20000; STEP_ARGS="--steps 1 --archs retinanet --methods fgfi --no-variants --threads 1"
 else
   DEVICE=cuda; SIZE=128; IMAGES=500; VAL=200; T_EPOCHS=6; S_EPOCHS=3; WORKERS=4; AMP=true; BACKEND=nccl
-  PGM_N=1000000; STEP_ARGS="--device cuda --steps 10 --methods fgfi gid kd crosskd"
+  PGM_N=1000000; STEP_ARGS="--device cuda --steps 6 --methods fgfi gid kd crosskd"
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "device_check.sh: no CUDA device (torch.cuda.is_available() is False); use --dry on a CPU" >&2
     exit 2
@@ -45,6 +45,7 @@ else
 fi
 
 REPORT="$DIR/device_check.md"
+BUDGET=470  # seconds for all stages (the device machine's limit per command is 8-10 minutes)
 FAILED=0
 T_ALL=$(date +%s)
 DEVICE_NAME=$("$PY" -c "
@@ -68,7 +69,12 @@ else:
 # stdout is the result column; a non-zero exit of either marks the stage failed
 stage() {
   local name="$1" limit="$2" check="$3"; shift 4
-  local t0 t1 rc res status
+  local t0 t1 rc res status left
+  left=$(( BUDGET - ($(date +%s) - T_ALL) ))  # the whole script stays within BUDGET seconds
+  if [ "$left" -lt 15 ]; then
+    echo "| $name | SKIPPED | 0 | the script's $BUDGET s were used up |" >> "$REPORT"; FAILED=1; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit} s)" >&2
   t0=$(date +%s)
   timeout "$limit" "$@" > "$DIR/$name.log" 2>&1
@@ -80,6 +86,7 @@ stage() {
     res="exit $rc$( [ $rc -eq 124 ] && echo ' (time limit)'); see $name.log: $(tail -1 "$DIR/$name.log" | cut -c1-160)"
   fi
   if [ $rc -eq 0 ]; then status=ok; else status=FAILED; FAILED=1; fi
+  res=${res//$'\n'/; }
   echo "| $name | $status | $((t1 - t0)) | ${res//|//} |" >> "$REPORT"
   echo "   $status: $res" >&2
 }
@@ -123,22 +130,22 @@ EOF
 done
 
 rm -rf "$DIR/teacher" "$DIR/student" "$DIR/distil_float32" "$DIR/distil_float16" "$DIR/predict" "$DIR/export"
-stage teacher 150 "metrics $DIR/teacher" -- \
+stage teacher 90 "metrics $DIR/teacher" -- \
   "$PY" -m detkd.cli train "$B/faster_rcnn_teacher.yaml" "${DATA[@]}" train.epochs=$T_EPOCHS \
   output_dir="$DIR/teacher" --quiet
-stage student 60 "metrics $DIR/student" -- \
+stage student 40 "metrics $DIR/student" -- \
   "$PY" -m detkd.cli train "$B/faster_rcnn_student.yaml" "${DATA[@]}" train.epochs=$S_EPOCHS \
   output_dir="$DIR/student" --quiet
-stage distil_float32 60 "metrics $DIR/distil_float32" -- \
+stage distil_float32 45 "metrics $DIR/distil_float32" -- \
   "$PY" -m detkd.cli distill "$DIR/distil_float32.yaml" "${DATA[@]}" --quiet
-stage distil_float16 60 "metrics $DIR/distil_float16; grep -o 'teacher cache: [0-9]* of [0-9]* images reused ([0-9]*%)' $DIR/distil_float16.log | tail -1" -- \
+stage distil_float16 45 "metrics $DIR/distil_float16; grep -o 'teacher cache: [0-9]* of [0-9]* images reused ([0-9]*%)' $DIR/distil_float16.log | tail -1" -- \
   "$PY" -m detkd.cli distill "$DIR/distil_float16.yaml" "${DATA[@]}" --quiet
-stage eval 30 eval_check -- \
+stage eval 20 eval_check -- \
   "$PY" -m detkd.cli eval "$DIR/distil_float16.yaml" "${DATA[@]}" --checkpoint "$DIR/distil_float16/last.pt" \
   --json "$DIR/eval.json" --quiet
-stage predict 30 predict_check -- \
+stage predict 20 predict_check -- \
   "$PY" -m detkd.cli predict "$DIR/distil_float16" "$DIR/data/val" --out "$DIR/predict" --device $DEVICE --quiet
-stage export 30 "ls $DIR/export | tr '\n' ' '" -- \
+stage export 20 "ls $DIR/export | tr '\n' ' '" -- \
   "$PY" -m detkd.cli export "$DIR/distil_float16" "$DIR/export" --checkpoint last.pt --torchscript
 
 NPROC=$( [ "$DRY" = 1 ] && echo 2 || "$PY" -c "import torch; print(max(1, min(2, torch.cuda.device_count())))")
@@ -156,15 +163,15 @@ if rank == 0:
     print(f"RESULT $BACKEND all_reduce ok, world size {world}")
 dist.destroy_process_group()
 EOF
-stage torchrun 60 "grep -h RESULT $DIR/torchrun.log | sed 's/RESULT //'" -- \
+stage torchrun 30 "grep -h RESULT $DIR/torchrun.log | sed 's/RESULT //'" -- \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node=$NPROC "$DIR/collective.py"
 if [ "$NPROC" -ge 2 ] && [ "$DRY" = 0 ]; then  # detkd's own DDP path needs 2 GPUs (NCCL refuses a shared one)
-  stage torchrun_train 90 "metrics $DIR/ddp" -- \
+  stage torchrun_train 45 "metrics $DIR/ddp" -- \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m detkd.cli train \
     "$B/faster_rcnn_student.yaml" "${DATA[@]}" train.epochs=1 output_dir="$DIR/ddp" --quiet
 fi
 
-stage pgm 60 "grep -h RESULT $DIR/pgm.log | sed 's/RESULT //'" -- "$PY" - <<EOF
+stage pgm 40 "grep -h RESULT $DIR/pgm.log | sed 's/RESULT //'" -- "$PY" - <<EOF
 import time, torch
 from detkd.distill.pgm import select_prototypes
 n, d, device = $PGM_N, 256, "$DEVICE"
@@ -184,7 +191,7 @@ peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device =
 print(f"RESULT PGM N = {n}, D = {d}, K = 10: {min(times):.3f} s (best of 3){peak}")
 EOF
 
-stage step_cost 150 "grep -E '^(faster_rcnn|retinanet)$|^(student|teacher|fgfi|gid|kd|crosskd)' $DIR/step_cost.log | tr -s ' ' | paste -sd ';' | cut -c1-900" -- \
+stage step_cost 90 "grep -E '^(faster_rcnn|retinanet)$|^(student|teacher|fgfi|gid|kd|crosskd)' $DIR/step_cost.log | tr -s ' ' | paste -sd ';' | cut -c1-900" -- \
   "$PY" benchmarks/bench_teacher.py $STEP_ARGS
 
 {

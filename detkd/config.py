@@ -214,8 +214,9 @@ class DistillConfig:
     cache_disk_mb: int = 20480  # at most this much in cache_dir; past it, new entries are not written
     cache_dtype: Literal["float32", "float16"] = "float32"  # float16 halves the cache; losses then differ by
     # up to ~1e-3 relative (not bit-identical)
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the live teacher forward under
-    # autocast in this dtype (outputs cast back to float32); float16 is for CUDA
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the live teacher forward: auto =
+    # as the step (float16 under train.amp on CUDA, else float32); float32 even under AMP; bfloat16 / float16:
+    # autocast, outputs cast back to float32
     teacher_channels_last: bool = False  # the teacher in channels_last memory format (a CUDA / oneDNN speed-up)
 
 

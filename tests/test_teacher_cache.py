@@ -262,3 +262,22 @@ def test_distilled_runs_match_with_the_cache_off_and_on(arch, methods, tmp_path,
             assert "teacher cache: 16 of 16 images reused (100%)" in err and "8 read from disk" in err
     assert len(results["off"][0]) == 4
     assert results["on"] == results["off"] and results["again"] == results["off"]
+
+
+def test_teacher_dtype_sets_the_precision_of_the_live_teacher():
+    from detkd.engine.teacher_cache import live_teacher
+    from detkd.taps import TapRequest
+
+    _, teacher = pair("retinanet")
+    images, targets = batch()
+    il, tt = transform_batch(teacher, images, targets)
+    req = TapRequest(features=True, dense_outputs=True)
+    full = live_teacher(teacher, il, tt, req, None)
+    bf16 = live_teacher(teacher, il, tt, req, None, torch.bfloat16)
+    assert bf16.features[0].dtype == torch.float32 and bf16.cls_logits.dtype == torch.float32  # cast back
+    assert not torch.equal(bf16.features[0], full.features[0])
+    torch.testing.assert_close(bf16.features[0], full.features[0], rtol=0.1, atol=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under train.amp: float32 switches it off
+        assert live_teacher(teacher, il, tt, req, None).features[0].dtype == torch.bfloat16
+        forced = live_teacher(teacher, il, tt, req, None, torch.float32)
+    assert torch.equal(forced.features[0], full.features[0])

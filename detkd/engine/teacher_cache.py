@@ -51,7 +51,8 @@ from detkd.runtime.console import info
 from detkd.taps import TapRequest, Taps, match_anchors, num_classes_of, tap_teacher
 
 CACHE_VERSION = 1  # bump when the entry layout changes: old folders are then another namespace
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# distill.teacher_dtype; "auto" (None): the teacher runs as the step does (under train.amp's autocast on CUDA)
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class TeacherCacheError(RuntimeError):
@@ -140,15 +141,25 @@ def taps_to_float32(taps: Taps) -> Taps:
                                         if f.name not in ("targets", "extras")})
 
 
-def live_teacher(teacher: nn.Module, images: ImageList, targets: list[dict[str, Tensor]] | None,
-                 request: TapRequest, student: Taps | None, dtype: torch.dtype = torch.float32) -> Taps:
-    """:func:`tap_teacher`, under autocast in ``dtype`` when it is not float32 (``distill.teacher_dtype``)."""
+def teacher_autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The precision of the teacher's forward (``distill.teacher_dtype``): None leaves the step's own
+    autocast state; float32 switches autocast off (a full-precision teacher under AMP too)."""
+    if dtype is None:
+        return contextlib.nullcontext()
     if dtype == torch.float32:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def live_teacher(teacher: nn.Module, images: ImageList, targets: list[dict[str, Tensor]] | None,
+                 request: TapRequest, student: Taps | None, dtype: torch.dtype | None = None) -> Taps:
+    """:func:`tap_teacher` in the precision ``dtype`` (see :func:`teacher_autocast`); floating outputs of a
+    half-precision teacher are cast back to float32."""
+    if dtype is None:
         return tap_teacher(teacher, images, targets, request, student)
-    device_type = images.tensors.device.type
-    with torch.autocast(device_type=device_type, dtype=dtype):
+    with teacher_autocast(images.tensors.device.type, dtype):
         taps = tap_teacher(teacher, images, targets, request, student)
-    return taps_to_float32(taps)
+    return taps_to_float32(taps) if dtype != torch.float32 else taps
 
 
 class TeacherCache:
@@ -159,7 +170,7 @@ class TeacherCache:
 
     def __init__(self, teacher: nn.Module, request: TapRequest, *, enabled: bool = True,
                  folder: str | Path | None = None, memory_mb: float = 2048, disk_mb: float = 20480,
-                 dtype: str = "float32", teacher_dtype: str = "float32", settings: dict[str, Any] | None = None):
+                 dtype: str = "float32", teacher_dtype: str = "auto", settings: dict[str, Any] | None = None):
         if dtype not in ("float32", "float16"):
             raise TeacherCacheError(f"distill.cache_dtype: {dtype!r} is not one of 'float32', 'float16'")
         if teacher_dtype not in DTYPES:
@@ -235,9 +246,12 @@ class TeacherCache:
     def entry(self, taps: Taps, i: int) -> dict[str, Any]:
         """Image ``i`` of live taps: its own copy (not a view of the batch) on CPU, in the storage dtype."""
         def own(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-            return t[i].detach().to(device="cpu", dtype=dtype or self.store_dtype, copy=True)
+            # a half-precision output (the teacher under train.amp) stays as it is: restored exactly
+            dtype = dtype or (self.store_dtype if t.dtype == torch.float32 else t.dtype)
+            return t[i].detach().to(device="cpu", dtype=dtype, copy=True)
 
-        e: dict[str, Any] = {"level_names": list(taps.level_names), "strides": torch.tensor(taps.strides)}
+        e: dict[str, Any] = {"level_names": list(taps.level_names), "strides": torch.tensor(taps.strides),
+                             "dtype": str(taps.features[0].dtype).removeprefix("torch.")}
         for j, f in enumerate(taps.features):
             e[f"features.{j}"] = own(f)
         if self.parts["proposals"]:
@@ -261,8 +275,10 @@ class TeacherCache:
         first = entries[0]
         levels = len(first["level_names"])
 
+        dtype = getattr(torch, first["dtype"])  # the live teacher's output dtype
+
         def stack(name: str) -> Tensor:
-            return torch.stack([e[name] for e in entries]).to(device=device, dtype=torch.float32)
+            return torch.stack([e[name] for e in entries]).to(device=device, dtype=dtype)
 
         feats = [stack(f"features.{j}") for j in range(levels)]
         taps = Taps(arch=arch, features=feats, level_names=list(first["level_names"]),
@@ -306,12 +322,11 @@ class TeacherCache:
         taps.roi_labels = student.roi_labels
         taps.roi_matched_gt = student.roi_matched_gt
         taps.roi_regression_targets = student.roi_regression_targets
-        with torch.autocast(device_type=images.tensors.device.type, dtype=self.teacher_dtype,
-                            enabled=self.teacher_dtype != torch.float32):
+        with teacher_autocast(images.tensors.device.type, self.teacher_dtype):
             taps.roi_features = rh.box_roi_pool(features, rois, images.image_sizes)
             taps.roi_embeddings = rh.box_head(taps.roi_features)
             taps.class_logits, taps.box_deltas = rh.box_predictor(taps.roi_embeddings)
-        if self.teacher_dtype != torch.float32:
+        if taps.class_logits.dtype != torch.float32 and self.teacher_dtype is not None:
             taps.roi_features, taps.roi_embeddings = taps.roi_features.float(), taps.roi_embeddings.float()
             taps.class_logits, taps.box_deltas = taps.class_logits.float(), taps.box_deltas.float()
 
