@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,22 @@ def test_teacher_dtype_sets_the_precision_of_the_live_teacher():
         assert live_teacher(teacher, il, tt, req, None).features[0].dtype == torch.bfloat16
         forced = live_teacher(teacher, il, tt, req, None, torch.float32)
     assert torch.equal(forced.features[0], full.features[0])
+
+
+def test_bench_rows_share_one_cache_folder_and_older_runs_stay_valid(tmp_path):
+    from detkd.bench import _check_unchanged, load_bench, plan_runs, result_path
+
+    cfg, methods = load_bench(Path(__file__).resolve().parents[1] / "configs/bench/digits_faster_rcnn.yaml",
+                              [f"output_dir={tmp_path}", "teacher_checkpoint="])
+    runs = [r for r in plan_runs(cfg, methods, only=["fgfi", "gid"]) if r.command == "distill"]
+    assert runs and {r.raw["distill"]["cache_dir"] for r in runs} == {str(tmp_path / "teacher_cache")}
+    # a row that finished before the cache existed is the same run: the cache keys change no result
+    old = copy.deepcopy(runs[0].raw)
+    del old["distill"]["cache_dir"]
+    result_path(runs[0], tmp_path).parent.mkdir(parents=True)
+    result_path(runs[0], tmp_path).write_text(json.dumps({"config": old}))
+    _check_unchanged([runs[0]], tmp_path)
+    old["distill"]["cache_dtype"] = "float16"  # this one does change the numbers
+    result_path(runs[0], tmp_path).write_text(json.dumps({"config": old}))
+    with pytest.raises(Exception, match="another config"):
+        _check_unchanged([runs[0]], tmp_path)
