@@ -107,15 +107,18 @@ def test_gradients_through_the_cached_teacher_are_identical(arch, method):
 
 
 def test_half_precision_cache_stays_within_its_tolerance():
-    step = make_step("faster_rcnn", "fgfi")
-    images, targets = batch()
-    live = losses(step, images, targets)
-    step.cache = TeacherCache(step.teacher, step.request, dtype="float16")
-    losses(step, images, targets)
-    cached = losses(step, images, targets)
-    assert step.cache.hits == 4
-    for k in live:
-        torch.testing.assert_close(cached[k], live[k], rtol=1e-3, atol=1e-6)
+    """cache_dtype float16 (features and head features rounded, head outputs kept in float32): every
+    method, both families, within 1e-3 relative of the live teacher (the largest seen: 7e-5)."""
+    for arch, method in CASES:
+        step = make_step(arch, method)
+        images, targets = batch()
+        live = losses(step, images, targets)
+        step.cache = TeacherCache(step.teacher, step.request, dtype="float16")
+        losses(step, images, targets)
+        cached = losses(step, images, targets)
+        assert step.cache.hits == 4
+        for k in live:
+            torch.testing.assert_close(cached[k], live[k], rtol=1e-3, atol=1e-7, msg=f"{arch} {method} {k}")
 
 
 def test_a_changed_teacher_never_reads_the_old_entries(tmp_path):

@@ -257,10 +257,12 @@ class TeacherCache:
         if self.parts["proposals"]:
             e["proposals"] = taps.proposals[i].detach().to("cpu", torch.float32, copy=True)  # coordinates: full
         if self.parts["dense"]:
-            e["cls_logits"] = own(taps.cls_logits)
-            e["bbox_regression"] = own(taps.bbox_regression)
+            # head outputs at full precision: logits through sigmoid / KL terms lose too much in float16
+            full = taps.cls_logits.dtype
+            e["cls_logits"] = own(taps.cls_logits, full)
+            e["bbox_regression"] = own(taps.bbox_regression, full)
             if taps.bbox_ctrness is not None:
-                e["bbox_ctrness"] = own(taps.bbox_ctrness)
+                e["bbox_ctrness"] = own(taps.bbox_ctrness, full)
             if taps.head_cls_features is not None:
                 for j, (c, r) in enumerate(zip(taps.head_cls_features, taps.head_reg_features)):
                     e[f"head_cls.{j}"] = own(c)
