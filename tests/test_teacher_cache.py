@@ -304,3 +304,13 @@ def test_bench_rows_share_one_cache_folder_and_older_runs_stay_valid(tmp_path):
     result_path(runs[0], tmp_path).write_text(json.dumps({"config": old}))
     with pytest.raises(Exception, match="another config"):
         _check_unchanged([runs[0]], tmp_path)
+
+
+def test_on_cuda_large_entries_turn_the_cache_off(capsys):
+    step = make_step("retinanet", "fgfi")
+    cache = TeacherCache(step.teacher, step.request)
+    small = {"features.0": torch.zeros(1024)}
+    big = {"features.0": torch.zeros(5 * 2**20)}  # 20 MB
+    assert cache.worth_it(big, torch.device("cpu")) and cache.worth_it(small, torch.device("cuda"))
+    assert not cache.worth_it(big, torch.device("cuda")) and not cache.enabled
+    assert "20 MB per image" in capsys.readouterr().err

@@ -50,6 +50,9 @@ from detkd.models.build import detector_arch
 from detkd.runtime.console import info
 from detkd.taps import TapRequest, Taps, match_anchors, num_classes_of, tap_teacher
 
+# TeacherCache.worth_it; an estimate (host / disk bandwidth against a GPU teacher's forward), not measured:
+# no GPU was available when it was written
+CUDA_MAX_ENTRY_MB = 16
 CACHE_VERSION = 1  # bump when the entry layout changes: old folders are then another namespace
 # distill.teacher_dtype; "auto" (None): the teacher runs as the step does (under train.amp's autocast on CUDA)
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -235,10 +238,27 @@ class TeacherCache:
         for i, (k, e) in enumerate(zip(keys, entries)):
             if e is None:
                 self.misses += 1
-                self.put(k, self.entry(taps, i))
+                e = self.entry(taps, i)
+                if not self.worth_it(e, images.tensors.device):
+                    return taps
+                self.put(k, e)
             else:
                 self.hits += 1
         return taps
+
+    def worth_it(self, e: dict[str, Any], device: torch.device) -> bool:
+        """On CUDA, a teacher's outputs of more than :data:`CUDA_MAX_ENTRY_MB` per image (large inputs: COCO
+        at 800 px is ~90 MB) take longer to copy back from host memory or disk than to recompute: the
+        cache turns itself off, once, with a log line."""
+        size = entry_bytes(e) / 2**20
+        if device.type != "cuda" or size <= CUDA_MAX_ENTRY_MB:
+            return True
+        self.enabled = False
+        self.memory.clear()
+        self.memory_used = 0
+        info(f"teacher cache: off: the teacher's outputs are {size:.0f} MB per image, more than "
+             f"{CUDA_MAX_ENTRY_MB} MB, which a CUDA teacher recomputes faster than they are copied back")
+        return False
 
     # ------------------------------------------------------------------------------------------------------
     # Entries
