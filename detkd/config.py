@@ -205,6 +205,19 @@ class DistillConfig:
     decay: bool = False  # scale every distillation term by (1 - epoch / epochs), except a method's undecayed terms
     balance: float = 0.0  # > 0: on the first step, scale down each distillation term larger than balance x the
     # detection loss to that size, then keep the factors (pairs trained from scratch; 0 = the papers' weights)
+    # Teacher cost (benchmarks/RESULTS.md, "Teacher cache"; docs/architecture.md, "Teacher cache")
+    teacher_cache: bool = True  # reuse the teacher's student-independent outputs (features, proposals, dense head)
+    # when the same input recurs (epochs, bench rows); bit-identical in float32; off under data.photometric
+    cache_dir: str = ""  # also keep them in this folder, shared by runs of the same teacher ("" = memory only;
+    # detkd bench sets OUT/teacher_cache); entries are files, written atomically, checked when read
+    cache_memory_mb: int = 2048  # in-memory share of the cache; past it, entries go to cache_dir only
+    cache_disk_mb: int = 20480  # at most this much in cache_dir; past it, new entries are not written
+    cache_dtype: Literal["float32", "float16"] = "float32"  # float16 stores the features in half precision
+    # (half the size; head outputs stay float32): not bit-identical, losses within 1e-3 relative (tested)
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the live teacher forward: auto =
+    # as the step (float16 under train.amp on CUDA, else float32); float32 even under AMP; bfloat16 / float16:
+    # autocast, outputs cast back to float32
+    teacher_channels_last: bool = False  # the teacher in channels_last memory format (a CUDA / oneDNN speed-up)
 
 
 @dataclass
@@ -405,6 +418,9 @@ def validate(cfg: Config) -> Config:
     if cfg.distill is not None:
         if cfg.distill.balance < 0:
             raise ConfigError(f"distill.balance must be >= 0, got {cfg.distill.balance}")
+        for key in ("cache_memory_mb", "cache_disk_mb"):
+            if getattr(cfg.distill, key) < 0:
+                raise ConfigError(f"distill.{key} must be >= 0, got {getattr(cfg.distill, key)}")
         for i, m in enumerate(cfg.distill.methods):
             if m.weight < 0:
                 raise ConfigError(f"distill.methods[{i}].weight must be >= 0, got {m.weight}")
@@ -420,7 +436,8 @@ def validate(cfg: Config) -> Config:
 # the command line), after ``~`` expansion; ``base`` and ``distill.teacher_config`` are relative to the file
 # that names them (see :func:`load_raw`).
 PATH_KEYS = ("data.root", "output_dir", "model.weights", "model.backbone_weights", "distill.teacher_checkpoint",
-             "distill.student_checkpoint", "distill.teacher.weights", "distill.teacher.backbone_weights")
+             "distill.student_checkpoint", "distill.cache_dir", "distill.teacher.weights",
+             "distill.teacher.backbone_weights")
 
 
 def _expand_home(cfg: Config) -> Config:

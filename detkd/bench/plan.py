@@ -68,6 +68,8 @@ def plan_runs(cfg: BenchConfig, methods: dict[str, BenchMethod], only: list[str]
                 "methods": [{"name": x.name, "weight": x.weight, "options": dict(x.options)} for x in m.methods],
                 "student_init": "checkpoint" if init else "none",
                 "student_checkpoint": init,
+                # every row and seed feeds the teacher the same images: one teacher cache for all of them
+                "cache_dir": str(out / "teacher_cache"),
             }
             raw = apply_overrides(raw, [*cfg.distill_overrides, *m.overrides])
             runs.append(BenchRun(f"seed{seed}/{label}", label, seed, "distill", raw))

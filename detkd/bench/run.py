@@ -139,11 +139,22 @@ def _check_unchanged(finished: list[BenchRun], out: Path) -> None:
     """A finished run is reused only if the bench would run it with the same config."""
     for r in finished:
         saved = json.loads(result_path(r, out).read_text()).get("config")
-        if saved is not None and saved != r.raw:
+        if saved is not None and _result_keys(saved) != _result_keys(r.raw):
             raise ConfigError(
                 f"bench run {r.name} finished with another config than the bench file gives now; move or delete "
                 f"{r.folder(out)} to run it again, or use another output_dir (nothing was deleted)"
             )
+
+
+# distill keys that change no result (the float32 teacher cache is exact): a run finished before them, or with
+# other values, is still the same run
+RESULT_NEUTRAL = ("teacher_cache", "cache_dir", "cache_memory_mb", "cache_disk_mb")
+
+
+def _result_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(raw.get("distill"), dict):
+        return raw
+    return {**raw, "distill": {k: v for k, v in raw["distill"].items() if k not in RESULT_NEUTRAL}}
 
 
 def _lock(out: Path):

@@ -30,6 +30,7 @@ class DistillStep(nn.Module):
         self.scale = 1.0  # distillation decay factor, set by the loop every epoch
         self.balance = balance  # distill.balance: > 0 caps each method's loss at balance x detection loss
         self.balance_scales: list[dict[str, float]] = []  # per method and term, fixed on the first step
+        self.cache = None  # a detkd.engine.teacher_cache.TeacherCache (set by the trainer); None: tap_teacher
         if self.distillers:
             req = TapRequest()
             for d in self.distillers:
@@ -46,7 +47,10 @@ class DistillStep(nn.Module):
             return self.student(images, targets), {}
         image_list, tgts = transform_batch(self.student, images, targets)
         det_losses, s_taps = tap_student(self.student, image_list, tgts, self.request)
-        t_taps = tap_teacher(self.teacher, image_list, tgts, self.request, s_taps)
+        if self.cache is not None:
+            t_taps = self.cache.tap(self.teacher, image_list, tgts, self.request, s_taps)
+        else:
+            t_taps = tap_teacher(self.teacher, image_list, tgts, self.request, s_taps)
         if self.pairs is not None:
             t_taps = select_levels(t_taps, [i for i, _ in self.pairs])
             s_taps = select_levels(s_taps, [j for _, j in self.pairs])

@@ -28,6 +28,7 @@ from detkd.engine.evaluate import evaluate_model, shutdown_workers
 from detkd.engine.logger import Progress, RunLogger
 from detkd.engine.schedule import build_optimizer, build_scheduler
 from detkd.engine.step import DistillStep
+from detkd.engine.teacher_cache import build_teacher_cache, prepare_teacher
 from detkd.errors import DistributedError, NonFiniteLossError, RunStopped
 from detkd.runtime import dist
 from detkd.runtime.checkpoint import (
@@ -222,6 +223,9 @@ def _set_up(cfg: Config, out: Path, device: torch.device, progress: bool) -> Run
     """Loaders, models (the student first: see :func:`detkd.engine.assemble.build_models`), optimizer, schedule."""
     train_set, val_set, train_loader, val_loader, train_sampler = _make_loaders(cfg)
     _, teacher, step = build_models(cfg, device)
+    if teacher is not None:  # the teacher cache and the live teacher's dtype / memory format
+        prepare_teacher(teacher, cfg.distill.teacher_channels_last)
+        step.cache = build_teacher_cache(cfg, teacher, step.request)
     coco_gt = val_set.coco_gt()
     opt = build_optimizer(list(step.student.parameters()) + list(step.distillers.parameters()), cfg.train)
     if len(train_loader) == 0:
@@ -325,6 +329,8 @@ def _end_epoch(run: Run) -> None:
         run.logger.log({"kind": "eval", **metrics}, state.iteration)
         info(f"epoch {state.epoch}/{cfg.train.epochs}: mAP {metrics['mAP']:.4f} AP50 {metrics['AP50']:.4f} "
              f"AP75 {metrics['AP75']:.4f} VOC_AP50 {metrics['VOC_AP50']:.4f}")
+    if run.step.cache is not None and run.step.cache.enabled:
+        info(run.step.cache.summary())
     metrics = run.metrics
     is_best = bool(metrics) and metrics.get("epoch") == state.epoch and metrics["mAP"] > state.best
     if is_best:
