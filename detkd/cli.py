@@ -58,17 +58,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_digits(args: argparse.Namespace) -> int:
-    # lazy: torch start-up (module docstring)
-    from detkd.data.digits import make_digits
-
+def parse_sets(items: list[str] | None) -> dict[str, object]:
+    """``--set key=value`` options as a mapping, each value parsed as in a config override."""
     params = {}
-    for item in args.set or []:
+    for item in items or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not of the form key=value")
         k, v = item.split("=", 1)
         params[k] = parse_value(v)
-    cfg = from_dict(DigitsConfig, params, "digits")
+    return params
+
+
+def cmd_data_digits(args: argparse.Namespace) -> int:
+    # lazy: torch start-up (module docstring)
+    from detkd.data.digits import make_digits
+
+    cfg = from_dict(DigitsConfig, parse_sets(args.set), "digits")
     out = make_digits(args.out, cfg)
     print(f"digits data set written to {out}")
     return 0
@@ -87,13 +92,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from detkd.engine.pretrain import PretrainOptions, pretrain_backbone
     from detkd.runtime.console import result
 
-    params = {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} is not of the form key=value")
-        k, v = item.split("=", 1)
-        params[k] = parse_value(v)
-    opts = from_dict(PretrainOptions, params, "pretrain")
+    opts = from_dict(PretrainOptions, parse_sets(args.set), "pretrain")
     for backbone in args.backbones:
         result(str(pretrain_backbone(backbone, args.out, opts, progress=not args.quiet)))
     return 0
