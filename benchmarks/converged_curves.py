@@ -1,6 +1,7 @@
 """Learning curves of the converged digits protocol (issue 19; benchmarks/RESULTS.md, "Converged").
 
     python benchmarks/converged_curves.py            # every run below not yet finished, then table + plot
+    python benchmarks/converged_curves.py NAME...    # only these runs, in this order
     python benchmarks/converged_curves.py --report   # table + plot of what has finished
 
 Each run is a `detkd train` of a `configs/bench/converged/` config (seed 0) that evaluates after every epoch,
@@ -97,15 +98,19 @@ def report(out_root: Path, plot: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="runs to do, in this order (default: every run of RUNS)")
     ap.add_argument("--out", default="runs/curves", help="folder of the runs (relative to the repository)")
     ap.add_argument("--report", action="store_true", help="only print the table and draw the plot")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "converged_curves.png"))
     args = ap.parse_args()
     out_root = ROOT / args.out
+    unknown = [n for n in args.names if n not in RUNS]
+    if unknown:
+        ap.error(f"unknown run(s) {unknown}; known: {list(RUNS)}")
     if not args.report:
         # the backbones the configs name (a finished file is reused)
         subprocess.run([sys.executable, "-m", "detkd.cli", "pretrain", *BACKBONES, "--quiet"], check=True, cwd=ROOT)
-        for name in RUNS:
+        for name in args.names or RUNS:
             run(name, out_root)
     report(out_root, Path(args.plot))
     return 0
