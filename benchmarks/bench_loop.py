@@ -7,7 +7,7 @@ The same student (the digits bench student of ``--arch``: configs/bench/digits/{
 batch 8), the same data set and loader settings, in ONE process:
 
 - ``detkd``: :func:`detkd.engine.trainer.train_one_epoch` on a run set up by the trainer itself
-  (``_set_up``: loaders, model, optimizer, schedule), with everything a real run does per step (finite-loss
+  (``set_up``: loaders, model, optimizer, schedule), with everything a real run does per step (finite-loss
   check, logging window, JSONL log every ``train.log_every`` steps, scheduler step);
 - ``bare``: a loop in the style of torchvision's ``references/detection/engine.py``: batch to the device,
   forward, sum of the loss dict, the loss as a Python float for the log, zero_grad, backward, optimizer
@@ -83,7 +83,7 @@ def main() -> None:
     from detkd.engine.evaluate import evaluate_model
     from detkd.engine.logger import RunLogger
     from detkd.engine.schedule import build_optimizer, build_scheduler
-    from detkd.engine.trainer import _seed_and_fix_threads, _set_up, _start_epoch, train_one_epoch
+    from detkd.engine.trainer import seed_and_fix_threads, set_up, start_epoch, train_one_epoch
     from detkd.models import build_detector
 
     start = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -94,10 +94,10 @@ def main() -> None:
             f"data.root={tmp}/digits", f"data.workers={a.workers}", f"data.digits.train_images={a.train_images}",
             f"data.digits.val_images={a.val_images}", f"train.epochs={a.rounds}", f"train.threads={a.threads}",
             f"train.device={a.device}", f"output_dir={tmp}/run", "train.warmup_iters=0"])
-        _seed_and_fix_threads(cfg)
+        seed_and_fix_threads(cfg)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True)
-        run = _set_up(cfg, out, device, progress=False)
+        run = set_up(cfg, out, device, progress=False)
         run.logger = RunLogger(out)
 
         torch.manual_seed(cfg.train.seed)
@@ -114,7 +114,7 @@ def main() -> None:
         for r in range(a.rounds):
             for side in (("detkd", "bare") if r % 2 == 0 else ("bare", "detkd")):
                 if side == "detkd":
-                    _start_epoch(run)
+                    start_epoch(run)
                     t0, c0 = time.perf_counter(), time.process_time()
                     train_one_epoch(run)
                     times["detkd"]["wall"].append(time.perf_counter() - t0)

@@ -179,18 +179,18 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     out = Path(cfg.output_dir)
     found = _check_output_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    _seed_and_fix_threads(cfg)
+    seed_and_fix_threads(cfg)
     if dist.is_main():
         atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    run = _set_up(cfg, out, device, progress)
+    run = set_up(cfg, out, device, progress)
     resume_from = _restore(run, *found) if found is not None else None
     del found  # the loaded dict (optimizer state included) is not kept for the whole run
     run.model = _wrap_ddp(run.step, device)
     _log_start(run, resume_from)
     try:
         while run.state.epoch < cfg.train.epochs:
-            _start_epoch(run)
+            start_epoch(run)
             train_one_epoch(run, after_step=lambda: _mid_epoch_checkpoint(run))
             run.state.epoch += 1
             run.state.epoch_iter = 0
@@ -211,7 +211,11 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, A
     return metrics
 
 
-def _seed_and_fix_threads(cfg: Config) -> None:
+def seed_and_fix_threads(cfg: Config) -> None:
+    """Seed every generator (per rank) and fix the thread count and determinism ``cfg.train`` asks for.
+
+    :func:`fit` calls it, then :func:`set_up`, then per epoch :func:`start_epoch` and :func:`train_one_epoch`;
+    ``benchmarks/bench_loop.py`` drives the same four to time detkd's loop against a bare one."""
     seed_everything(cfg.train.seed + dist.rank())
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)  # float sums are split by thread: fixed threads, same result
@@ -219,7 +223,7 @@ def _seed_and_fix_threads(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _set_up(cfg: Config, out: Path, device: torch.device, progress: bool) -> Run:
+def set_up(cfg: Config, out: Path, device: torch.device, progress: bool) -> Run:
     """Loaders, models (the student first: see :func:`detkd.engine.assemble.build_models`), optimizer, schedule."""
     train_set, val_set, train_loader, val_loader, train_sampler = _make_loaders(cfg)
     _, teacher, step = build_models(cfg, device)
@@ -290,7 +294,7 @@ def _log_start(run: Run, resume_from: Path | None) -> None:
          f"{run.iters_per_epoch} iterations, device {run.device}, world size {dist.world_size()}, output {run.out}")
 
 
-def _start_epoch(run: Run) -> None:
+def start_epoch(run: Run) -> None:
     """The epoch's data order (reseeded: resumable), decay factor, and the distillers' epoch start."""
     cfg, step, epoch = run.cfg, run.step, run.state.epoch
     if isinstance(run.train_sampler.base, DistributedSampler):
