@@ -35,6 +35,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "fr_student_scratch_e12": (f"{C}/faster_rcnn_student.yaml", SCRATCH),
     "fr_mbv3_student_pre_e12": (f"{C}/faster_rcnn_mbv3_student.yaml", []),
     "fcos_student_pre_e12": (f"{C}/fcos_student.yaml", []),
+    "fcos_mbv3_student_pre_e12": (f"{C}/fcos_mbv3_student.yaml", []),
     "fcos_teacher_pre_e12": (f"{C}/fcos_teacher.yaml", []),
     "fr_student_pre_e6": (f"{C}/faster_rcnn_student.yaml", ["train.epochs=6"]),
     "fcos_student_pre_e6": (f"{C}/fcos_student.yaml", ["train.epochs=6"]),

@@ -198,7 +198,7 @@ def test_fixed_budget_rows_share_the_start_and_the_table_marks_intervals(tmp_pat
         assert len(inits) == 1 and None not in inits  # one start per seed ...
     assert res["baseline/seed0"]["student_init"] != res["baseline/seed1"]["student_init"]  # ... seeds differ
     table = (out / "table.md").read_text()
-    assert "Fixed budget" in table and "ΔmAP [95% CI]" in table
+    assert "Fixed budget" in table and "randomly initialised student" in table and "ΔmAP [95% CI]" in table
     kd_line = next(line for line in table.splitlines() if line.startswith("| kd "))
     assert "[" in kd_line  # two seeds: an interval
     data = json.loads((out / "results.json").read_text())

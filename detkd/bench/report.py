@@ -46,11 +46,13 @@ def write_report(out: Path, runs: list[BenchRun], cfg: BenchConfig) -> dict[str,
     results = collect(out, runs)
     table = summarise(results, _row_order(runs))
     md = format_markdown(table, cfg.pretrain_epochs)
+    weights = {r.raw.get("model", {}).get("backbone_weights", "none") for r in runs if r.row == "baseline"}
+    start = "randomly initialised" if weights <= {"none", ""} else "backbone-pretrained"
     note = (f"Every distilled row and the baseline start from the student pre-trained for {cfg.pretrain_epochs} "
             "epochs (the papers start from ImageNet-pretrained students); the fair-budget row trains the "
             "student alone for as many epochs as pre-training + distillation, in one schedule."
             if cfg.pretrain_epochs else
-            "Fixed budget: per seed, every row trains the same randomly initialised student for the same "
+            f"Fixed budget: per seed, every row trains the same {start} student for the same "
             "epochs on the same data order; the distilled rows are distilled from the first step, so the "
             "baseline is the student alone at the same budget.")
     bad = _start_mismatches(results)
