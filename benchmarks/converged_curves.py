@@ -26,22 +26,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import cpu_name  # noqa: E402
 
 C = "configs/bench/converged"
-BACKBONES = ["resnet18", "resnet34", "mobilenet_v3_large"]
+BACKBONES = ["resnet18", "resnet34", "mobilenet_v3_large"]  # every backbone the runs below name
 SCRATCH = ["model.backbone_weights=none", "model.norm=bn", "model.trainable_layers=5"]
 # name -> (config, overrides): the order they run in
 RUNS: dict[str, tuple[str, list[str]]] = {
     "fr_student_pre_e12": (f"{C}/faster_rcnn_student.yaml", []),
     "fr_teacher_pre_e12": (f"{C}/faster_rcnn_teacher.yaml", []),
-    "fr_student_scratch_e12": (f"{C}/faster_rcnn_student.yaml", SCRATCH),
+    # the ResNet-18 student ends within 2 points of its teacher: the benches' student is MobileNetV3-Large
     "fr_mbv3_student_pre_e12": (f"{C}/faster_rcnn_mbv3_student.yaml", []),
-    "fcos_student_pre_e12": (f"{C}/fcos_student.yaml", []),
-    "fcos_mbv3_student_pre_e12": (f"{C}/fcos_mbv3_student.yaml", []),
     "fcos_teacher_pre_e12": (f"{C}/fcos_teacher.yaml", []),
-    "fr_student_pre_e6": (f"{C}/faster_rcnn_student.yaml", ["train.epochs=6"]),
-    "fcos_student_pre_e6": (f"{C}/fcos_student.yaml", ["train.epochs=6"]),
-    "fcos_student_scratch_e12": (f"{C}/fcos_student.yaml", SCRATCH),
-    "fr_student_pre_e24": (f"{C}/faster_rcnn_student.yaml", ["train.epochs=24"]),
-    "fcos_student_pre_e24": (f"{C}/fcos_student.yaml", ["train.epochs=24"]),
+    "fcos_mbv3_student_pre_e12": (f"{C}/fcos_mbv3_student.yaml", []),
+    "fr_mbv3_student_scratch_e12": (f"{C}/faster_rcnn_mbv3_student.yaml", SCRATCH),
+    "fcos_mbv3_student_scratch_e12": (f"{C}/fcos_mbv3_student.yaml", SCRATCH),
+    "fr_mbv3_student_pre_e24": (f"{C}/faster_rcnn_mbv3_student.yaml", ["train.epochs=24"]),
+    "fcos_mbv3_student_pre_e24": (f"{C}/fcos_mbv3_student.yaml", ["train.epochs=24"]),
 }
 
 
@@ -87,7 +85,8 @@ def report(out_root: Path, plot: Path) -> None:
         ax = axes[0] if name.startswith("fr_") else axes[1]
         style = "--" if "scratch" in name else ("-" if "student" in name else ":")
         ax.plot([e for e, _ in pts], [m for _, m in pts], style, marker="o", ms=3, label=name)
-    for ax, title in zip(axes, ("Faster R-CNN R34 -> R18", "FCOS R34 -> R18")):
+    titles = ("Faster R-CNN: teacher R34, students R18 / MobileNetV3", "FCOS: teacher R34, student MobileNetV3")
+    for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val mAP")

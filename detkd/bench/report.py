@@ -106,7 +106,8 @@ def plot_curves(out: Path, runs: list[BenchRun], path: Path) -> None:
     ax_loss.set_yscale("log")
     ax_map.set_xlabel("epoch (of each run)")
     ax_map.set_ylabel("val mAP")
-    ax_loss.legend(fontsize=6, ncol=2)
+    if ax_loss.get_legend_handles_labels()[0]:  # none before the first training run has logged
+        ax_loss.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
