@@ -192,7 +192,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     only = [m for m in args.methods.split(",") if m] if args.methods else None
     seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
-    run_bench(args.config, args.overrides, only=only, seeds=seeds, dry_run=args.dry_run, quiet=not args.progress)
+    run_bench(args.config, args.overrides, only=only, seeds=seeds, dry_run=args.dry_run, quiet=not args.progress,
+              report_only=args.report)
     return 0
 
 
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated rows to run (default: all of the bench file)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the bench file's)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished, run nothing")
+    p.add_argument("--report", action="store_true",
+                   help="write and print the table and plots of the runs finished so far, run nothing")
     p.add_argument("--progress", action="store_true", help="progress bars of every run in its log")
     p.set_defaults(func=cmd_bench)
 

@@ -142,6 +142,17 @@ def test_bench_runs_writes_table_and_plots_and_resumes(tmp_path, capsys):
     # rerun: finished runs are skipped; a run whose result is missing runs again (resuming its last.pt)
     kept = {p: p.stat().st_mtime_ns for p in out.glob("**/result.json") if "kd" not in str(p)}
     (out / "seed0" / "kd" / "result.json").unlink()
+    # --report runs nothing (even beside a running bench: it takes no lock) and tables what is finished
+    from detkd.bench.run import _lock
+
+    (out / "table.md").unlink()
+    held = _lock(out)
+    assert main(["bench", path, "--report"]) == 0
+    held.close()
+    assert "table of 5 finished runs of 6" in capsys.readouterr().err
+    assert not (out / "seed0" / "kd" / "result.json").exists()
+    table = (out / "table.md").read_text()
+    assert "+ fitnet" in table and "+ kd" not in table
     assert main(["bench", path]) == 0
     err = capsys.readouterr().err
     assert "6 runs (5 finished earlier)" in err

@@ -84,23 +84,32 @@ def _final_metrics(run: BenchRun, folder: Path, log_path: Path) -> dict[str, Any
 
 
 def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
-              seeds: list[int] | None = None, dry_run: bool = False, quiet: bool = True) -> dict[str, Any]:
-    """Plan, run what is not finished, and write the table and plots. Returns the summary."""
+              seeds: list[int] | None = None, dry_run: bool = False, quiet: bool = True,
+              report_only: bool = False) -> dict[str, Any]:
+    """Plan, run what is not finished, and write the table and plots. Returns the summary.
+
+    ``report_only``: run nothing, write the table and plots of the runs finished so far (also while another
+    process runs the bench: the table files are written atomically)."""
     cfg, methods = load_bench(path, overrides)
     if seeds:
         cfg.seeds = seeds
     runs = plan_runs(cfg, methods, only)
     pretrain_opts = from_dict(PretrainOptions, cfg.pretrain_options, "pretrain_options")
-    if cfg.pretrain_backbones and not dry_run:
+    if cfg.pretrain_backbones and not (dry_run or report_only):
         # the teacher's (unless a trained one is given) and the student's, before any run needs them
         for r in ([] if runs[0].command == "eval" else [runs[0]]) + [runs[-1]]:
             model = config_from_dict(copy.deepcopy({k: v for k, v in r.raw.items() if k != "distill"})).model
             ensure_backbone_weights(model.backbone, model.backbone_weights, pretrain_opts)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out) if not dry_run else None  # held until this process exits
+    lock = _lock(out) if not (dry_run or report_only) else None  # held until this process exits
     todo = [r for r in runs if not result_path(r, out).is_file()]
     _check_unchanged([r for r in runs if r not in todo], out)
+    if report_only:
+        summary = write_report(out, runs, cfg)
+        print(summary["markdown"])
+        info(f"bench {path}: table of {len(runs) - len(todo)} finished runs of {len(runs)} in {out} (ran nothing)")
+        return summary
     info(f"bench {path}: {len(runs)} runs ({len(runs) - len(todo)} finished earlier), output {out}")
     if dry_run:
         for r in runs:
