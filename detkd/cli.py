@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -186,14 +187,23 @@ def _add_analyze(sub) -> None:
     d.set_defaults(func=cmd_analyze)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # lazy: torch start-up (module docstring)
     from detkd.bench import run_bench
 
     only = [m for m in args.methods.split(",") if m] if args.methods else None
     seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
-    run_bench(args.config, args.overrides, only=only, seeds=seeds, dry_run=args.dry_run, quiet=not args.progress,
-              report_only=args.report)
+    # SIGTERM as an exception, so that the bench stops the run it is waiting for (bench.run.execute)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        run_bench(args.config, args.overrides, only=only, seeds=seeds, dry_run=args.dry_run,
+                  quiet=not args.progress, report_only=args.report)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

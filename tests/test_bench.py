@@ -4,6 +4,9 @@ and a rerun skips finished runs; the summary statistics are checked by hand."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -226,3 +229,37 @@ def test_a_row_can_run_on_some_seeds_only(tmp_path):
     bad = _bench_file(tmp_path, methods={"fitnet": {"methods": ["fitnet"], "seeds": [7]}})
     with pytest.raises(ConfigError, match=r"methods.fitnet.seeds: \[7\] names a seed the bench does not run"):
         load_bench(bad)
+
+
+def _pids_running(needle: str) -> list[int]:
+    """Processes (Linux /proc) whose command line contains ``needle``."""
+    from pathlib import Path
+
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmdline = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = next(line for line in (p / "status").read_text().splitlines() if line.startswith("State"))
+            except (OSError, StopIteration):
+                continue
+            if needle in cmdline and "zombie" not in state:
+                found.append(int(p.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stopped_bench_stops_its_run(tmp_path):
+    # SIGTERM to the bench (a scheduler, `kill`) used to leave the run it waited for training unwatched
+    path = _bench_file(tmp_path)
+    teacher_cfg = str(tmp_path / "bench" / "teacher" / "run.yaml")
+    bench = subprocess.Popen([sys.executable, "-m", "detkd.cli", "bench", path], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not _pids_running(teacher_cfg) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _pids_running(teacher_cfg), "the teacher run never started"
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    assert _pids_running(teacher_cfg) == []
+    assert not (tmp_path / "bench" / "teacher" / "result.json").exists()

@@ -47,8 +47,15 @@ def execute(run: BenchRun, out: Path, quiet: bool = True) -> dict[str, Any]:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        # wait4 gives this child's own resource usage (peak RSS of the run, not of the bench)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            # wait4 gives this child's own resource usage (peak RSS of the run, not of the bench)
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            # the bench was stopped (Ctrl-C, SIGTERM): stop its run too rather than leave it running
+            # unwatched; it resumes from its last checkpoint when the bench is run again
+            proc.terminate()
+            proc.wait()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
