@@ -27,7 +27,6 @@ temporary folder); ``--cap`` overrides the configs' ``max_images_per_class`` (0 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
+from machine import RunStamp, cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -152,18 +151,16 @@ def main() -> None:
         sys.exit("--steps must be >= 2 and --refreshes >= 1")
 
     torch.set_num_threads(a.threads)
-    start = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    load0 = os.getloadavg()
+    stamp = RunStamp()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_refresh_") as tmp:
         data_root = a.data_root or str(Path(tmp) / "digits")
         for arch in a.archs:
             print(f"{arch}: building", file=sys.stderr, flush=True)
             results[arch] = run_arch(arch, a, data_root, Path(tmp))
-    load1 = os.getloadavg()
 
-    print(f"# bench_refresh {start}, {cpu_name()}, {os.cpu_count()} cores, {a.threads} threads, torch "
-          f"{torch.__version__}, {a.workers} loader workers, load average {load0[0]:.2f} -> {load1[0]:.2f}")
+    print(f"# bench_refresh {stamp.start}, {cpu_name()}, {os.cpu_count()} cores, {a.threads} threads, torch "
+          f"{torch.__version__}, {a.workers} loader workers, {stamp.load()}")
     print(f"# epoch = median training step x iterations ({a.steps} timed steps after {a.warmup} warm-up); "
           f"ratio = refresh / epoch, target <= {TARGET:.2f}")
     print(f"{'arch':<12} {'cap':>4} {'step s':>7} {'epoch s':>8} {'refresh':>8} {'s':>7} {'extract':>8} "

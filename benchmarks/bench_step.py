@@ -44,7 +44,6 @@ slow on a shared, oversubscribed CPU).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -57,8 +56,8 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name
-from torch.utils.flop_counter import FlopCounterMode  # benchmarks/machine.py (the script's own folder is on sys.path)
+from machine import RunStamp, add_timing_args, check_device, device_name, run_child  # the script's own folder
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -302,30 +301,20 @@ def prepare(tmp: Path, archs: list[str], train_images: int) -> tuple[str, dict[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (also the memory run's steps)")
+    add_timing_args(ap, steps=20, warmup=3, threads=2)  # warm-up steps are also the memory run's steps
     ap.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads in the children")
     ap.add_argument("--train-images", type=int, default=64, help="digits training images (batches + prototypes)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory runs")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.child:
-        args = json.loads(a.child)
-        torch.set_num_threads(args["threads"])
-        torch.set_num_interop_threads(1)
-        result = child_memory(args) if args["memory"] else child_time(args)
-        print(json.dumps(result))
+        run_child(a.child, lambda args: child_memory(args) if args["memory"] else child_time(args))
         return
 
-    if a.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device available")
+    check_device(a.device)
     torch.set_num_threads(a.threads)
-    start = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    load0 = os.getloadavg()
+    stamp = RunStamp()
     names = {arch: ["student", "teacher", "teacher_feat", *arch_methods(arch, a.methods)] for arch in a.archs}
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
@@ -340,13 +329,11 @@ def main() -> None:
                 for n in names[arch]:
                     print(f"{arch}: memory of {n}", file=sys.stderr, flush=True)
                     results[arch][n].update(spawn({**base, "arch": arch, "configs": [n]}, memory=True))
-    load1 = os.getloadavg()
 
     key = "cpu_s" if a.device == "cpu" else "wall_s"
     mem_name = "peak RSS growth" if a.device == "cpu" else "peak CUDA alloc growth"
-    machine = cpu_name() if a.device == "cpu" else torch.cuda.get_device_name()
-    print(f"# bench_step {start}, device {a.device} ({machine}), {a.threads} threads, torch {torch.__version__}, "
-          f"{a.steps} steps after {a.warmup} warm-up, load average {load0[0]:.2f} -> {load1[0]:.2f}")
+    print(f"# bench_step {stamp.start}, device {a.device} ({device_name(a.device)}), {a.threads} threads, torch "
+          f"{torch.__version__}, {a.steps} steps after {a.warmup} warm-up, {stamp.load()}")
     print(f"# step: median wall s and {'CPU s (process, all threads)' if a.device == 'cpu' else '-'} per training "
           f"step; memory: {mem_name} (MB) over the first steps (peak) and within a later step above the state "
           f"between steps (step); x teach: ratio to 'student + teacher forward' (merged request); x own: to the "

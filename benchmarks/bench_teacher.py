@@ -27,7 +27,6 @@ alone (of the same child) (the targets of the cache:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -47,7 +46,7 @@ from bench_step import (  # the script's own folder is on sys.path
     prepare,
     train_step,
 )
-from machine import cpu_name
+from machine import RunStamp, add_timing_args, check_device, device_name, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -132,29 +131,20 @@ def child(args: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least one per batch)")
+    add_timing_args(ap, steps=8, warmup=2, threads=1)  # at least one warm-up step per batch
     ap.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the children")
     ap.add_argument("--train-images", type=int, default=16, help="digits training images (2 batches of 8)")
     ap.add_argument("--no-variants", action="store_true", help="skip the live-teacher variants")
     ap.add_argument("--per-method", action="store_true",
                     help="one child process per method (student, METHOD, METHOD +cache) instead of one per family")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        args = json.loads(a.child)
-        torch.set_num_threads(args["threads"])
-        torch.set_num_interop_threads(1)
-        print(json.dumps(child(args)))
+        run_child(a.child, child)
         return
-    if a.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device available")
+    check_device(a.device)
     torch.set_num_threads(a.threads)
-    start = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    load0 = os.getloadavg()
+    stamp = RunStamp()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as tmp:
         data_root, teachers = prepare(Path(tmp), a.archs, a.train_images)
@@ -184,11 +174,9 @@ def main() -> None:
                     x["x_student"] = x["s"] / ref["s"]
                 results[arch].setdefault("student", {**ref, "x_student": 1.0})
                 results[arch].update(r)
-    load1 = os.getloadavg()
-    machine = cpu_name() if a.device == "cpu" else torch.cuda.get_device_name()
     unit = "CPU s (process, all threads)" if a.device == "cpu" else "wall s (synchronised)"
-    print(f"# bench_teacher {start}, device {a.device} ({machine}), {a.threads} threads, torch {torch.__version__}, "
-          f"{a.steps} steps after the warm-up, load average {load0[0]:.2f} -> {load1[0]:.2f}; median {unit} "
+    print(f"# bench_teacher {stamp.start}, device {a.device} ({device_name(a.device)}), {a.threads} threads, torch "
+          f"{torch.__version__}, {a.steps} steps after the warm-up, {stamp.load()}; median {unit} "
           f"per training step; x student: ratio to the student alone, measured side by side in one process")
     for arch, r in results.items():
         print(f"\n{arch}\n{'configuration':<26} {'step s':>7} {'wall s':>7} {'x student':>9} {'x teacher':>9}  target")
