@@ -5,8 +5,9 @@
 The paper's numbers are Tables 1 (COCO, 2x schedule) and 2 (VOC) of Tang et al., "Distilling Object
 Detectors with Global Knowledge", ECCV 2022 (teacher R101, student R50). The gap share of a method is its
 gain over the student alone divided by the teacher's lead over the student alone: 100% reaches the teacher,
-more passes it. detkd's column is read from each bench's results.json (mean over the row's seeds; the gain
-paired by seed, as the bench table has it).
+more passes it. detkd's column is read from each bench's results.json (write it with `detkd bench FILE
+--report`): the gain paired by seed with its 95% interval (* where it excludes zero) and the seeds it rests on;
+the ranking row ranks the methods the paper ran, by detkd's mean gain.
 """
 
 from __future__ import annotations
@@ -39,29 +40,61 @@ def ranked(table: dict[str, float]) -> list[str]:
     return sorted(table, key=lambda k: -table[k])
 
 
-def bench_maps(folder: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean mAP (x100) per row of a bench, and each method row's paired gain (x100)."""
-    table = json.loads((folder / "results.json").read_text())["table"]
-    maps = {e["row"]: 100 * e["mAP"] for e in table}
-    gains = {e["row"]: 100 * e["gain"] for e in table if e.get("gain") is not None}
-    return maps, gains
+def bench_rows(folder: Path) -> tuple[float, dict[str, dict]]:
+    """The teacher's lead over the student alone (x100) and every method row of a bench's results.json."""
+    path = folder / "results.json"
+    if not path.is_file():
+        sys.exit(f"{path}: no such file (run `detkd bench FILE --report` to write it)")
+    table = {e["row"]: e for e in json.loads(path.read_text())["table"]}
+    for need in ("teacher", "baseline"):
+        if need not in table:
+            sys.exit(f"{path}: no {need} row")
+    gap = 100 * (table["teacher"]["mAP"] - table["baseline"]["mAP"])
+    return gap, {k: e for k, e in table.items() if k not in ("teacher", "baseline") and e.get("gain") is not None}
+
+
+def detkd_cell(e: dict, gap: float) -> str:
+    """``25% (+1.9 [+0.4, +3.4]*, 3 seeds)``: gap share, paired gain with its 95% interval (one seed: none)."""
+    gain = 100 * e["gain"]
+    ci = f" [{100 * e['gain_lo']:+.1f}, {100 * e['gain_hi']:+.1f}]" if e.get("gain_lo") is not None else ""
+    star = "*" if e.get("significant") else ""
+    n = len(e["seeds"])
+    return f"{100 * gain / gap:.0f}% ({gain:+.1f}{ci}{star}, {n} seed{'s' if n > 1 else ''})"
+
+
+def side_by_side(family: str, papers: list[str], folder: Path) -> list[str]:
+    """One Markdown table: a row per method, the paper's gap shares and detkd's."""
+    gap, rows = bench_rows(folder)
+    paper = {name: shares(PAPER[name]) for name in papers}
+    methods = ranked({k: e["gain"] for k, e in rows.items()})
+    for m in (m for name in papers for m in ranked(paper[name])):
+        if m not in methods:
+            methods.append(m)
+    head = [f"{name.split(' (')[0]} ({PAPER[name]['teacher'] - PAPER[name]['baseline']:.1f})" for name in papers]
+    out = [f"{family}: gap share (teacher - student alone in points)",
+           "",
+           "| method | " + " | ".join(f"paper, {h}" for h in head) + f" | detkd, {folder.name} ({gap:.1f}) |",
+           "|---|" + "---:|" * (len(papers) + 1)]
+    for m in methods:
+        cells = [f"{100 * paper[name][m]:.0f}%" if m in paper[name] else "–" for name in papers]
+        out.append(f"| {m} | " + " | ".join(cells) + f" | {detkd_cell(rows[m], gap) if m in rows else '–'} |")
+    out.append("| ranking | " + " | ".join(" > ".join(ranked(paper[name])) for name in papers)
+               + " | " + " > ".join(m for m in ranked({k: e["gain"] for k, e in rows.items()})
+                                   if m in {x for name in papers for x in paper[name]}) + " |")
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("benches", nargs="+", help="bench output folders (holding results.json)")
+    ap.add_argument("faster_rcnn", type=Path, help="the converged Faster R-CNN bench's folder (holding results.json)")
+    ap.add_argument("one_stage", type=Path, help="the converged one-stage bench's folder, set beside the "
+                    "paper's RetinaNet")
     args = ap.parse_args()
-    print("| source | teacher - student | ranking (gap share) |")
-    print("|---|---:|---|")
-    for name, maps in PAPER.items():
-        s = shares(maps)
-        print(f"| paper, {name} | {maps['teacher'] - maps['baseline']:.1f} | "
-              + ", ".join(f"{k} {100 * s[k]:.0f}%" for k in ranked(s)) + " |")
-    for folder in map(Path, args.benches):
-        maps, gains = bench_maps(folder)
-        gap = maps["teacher"] - maps["baseline"]
-        s = {k: g / gap for k, g in gains.items()}
-        print(f"| detkd, {folder.name} | {gap:.1f} | " + ", ".join(f"{k} {100 * s[k]:.0f}%" for k in ranked(s)) + " |")
+    lines = side_by_side("Faster R-CNN", ["COCO Faster R-CNN (Table 1)", "VOC Faster R-CNN (Table 2)"],
+                         args.faster_rcnn)
+    lines += [""] + side_by_side("One-stage", ["COCO RetinaNet (Table 1)", "VOC RetinaNet (Table 2)"],
+                                 args.one_stage)
+    print("\n".join(lines))
     return 0
 
 
