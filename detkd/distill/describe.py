@@ -22,6 +22,7 @@ from typing import Any
 
 from detkd.distill import REGISTRY
 from detkd.distill.base import DEFAULT_RANGE, Distiller, is_numeric, option_range
+from detkd.distill.recommended import as_config, recommendations
 
 
 def registry() -> dict[str, type[Distiller]]:
@@ -162,11 +163,19 @@ def options_table(cls: type[Distiller]) -> list[tuple[str, str, Any, str, str]]:
 def format_methods() -> str:
     """``detkd methods``: one line per registered method."""
     methods = registry()
-    width = max(len(n) for n in methods)
+    marked = {r.method for r in recommendations()}
+    width = max(len(n) for n in methods) + 2
     lines = [f"{'name':<{width}}  {'detectors':<28}  what it distils"]
     for name, cls in methods.items():
-        lines.append(f"{name:<{width}}  {', '.join(cls.archs):<28}  {_clip(summary(cls), 100)}")
+        shown = f"{name} *" if name in marked else name
+        lines.append(f"{shown:<{width}}  {', '.join(cls.archs):<28}  {_clip(summary(cls), 100)}")
     lines.append("")
+    if marked:
+        lines.append("* recommended (detkd's converged benches, benchmarks/RESULTS.md \"Converged\"):")
+        for r in recommendations():
+            lines.append(f"    {', '.join(r.archs)}: {as_config(r)}")
+    else:
+        lines.append("No method is recommended yet: no converged bench has a gain whose interval excludes zero.")
     lines.append("`detkd methods NAME` lists a method's options; in a config they go in its "
                  "distill.methods entry (docs/methods.md).")
     return "\n".join(lines)
@@ -180,8 +189,11 @@ def format_method(name: str) -> str:
     if name not in methods:
         raise KeyError(name)
     cls = methods[name]
-    lines = [f"{name}: {summary(cls)}", f"detectors: {', '.join(cls.archs)}", "",
-             "options (default, allowed values, help):"]
+    lines = [f"{name}: {summary(cls)}", f"detectors: {', '.join(cls.archs)}"]
+    for r in recommendations(name):
+        lines.append(f"recommended for {', '.join(r.archs)}: {as_config(r)}")
+        lines.extend("    " + line for line in textwrap.wrap(r.evidence, 100))
+    lines += ["", "options (default, allowed values, help):"]
     rows = options_table(cls)
     if not rows:
         lines.append("  (none)")

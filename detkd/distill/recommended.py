@@ -1,0 +1,38 @@
+"""Which method to use: what detkd's converged benches recommend, per detector family.
+
+A recommendation rests on ``detkd bench configs/bench/converged_*.yaml`` (students started from pretrained
+backbones and trained to their plateau, benchmarks/RESULTS.md, "Converged"): the method with the largest
+gain over the student alone, paired by seed, whose 95% interval over at least three seeds excludes zero.
+Where no method's interval does, the family gets no recommendation. The options are the ones its bench row
+used. RetinaNet has no converged bench of its own (its digits teacher does not reach the bench's target,
+RESULTS.md); FCOS's recommendation, the nearest one-stage evidence, is given for it and says so.
+
+``detkd methods`` marks the recommended methods and ``detkd methods NAME`` prints the evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    archs: tuple[str, ...]  # the student's detector families it is for
+    method: str  # registry name
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options, as the bench row set them
+    evidence: str = ""  # the bench, the seeds and the paired gain behind it, in one line
+
+
+RECOMMENDED: tuple[Recommendation, ...] = ()
+
+
+def recommendations(method: str | None = None) -> list[Recommendation]:
+    """The recommendations, or those of one method."""
+    return [r for r in RECOMMENDED if method is None or r.method == method]
+
+
+def as_config(rec: Recommendation) -> str:
+    """The ``distill.methods`` entry in YAML flow style, as a user pastes it into a config."""
+    opts = "".join(f", {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in rec.options.items())
+    return f"{{name: {rec.method}{opts}}}"
