@@ -38,3 +38,16 @@ def test_story_names_each_gain():
     assert "+ global: 0.240, -1.0 points: within seed-to-seed noise" in text
     table[3]["mAP"] = 0.21
     assert "+ global: 0.210, -4.0 points: worse" in story(table)
+
+
+def test_story_ends_with_what_the_converged_benches_recommend(monkeypatch):
+    from detkd.commands.demo import story
+    from detkd.distill import recommended
+    from detkd.distill.recommended import Recommendation
+
+    table = [{"row": "baseline", "mAP": 0.25, "epochs": 3}, {"row": "fgfi", "mAP": 0.335, "epochs": 3}]
+    monkeypatch.setattr(recommended, "RECOMMENDED", (Recommendation(("fcos",), "defeat", {}, "5 seeds: +4.0"),))
+    last = story(table).splitlines()[-1]
+    assert last.startswith("[demo] converged benches") and "fcos: {name: defeat}, 5 seeds: +4.0" in last
+    monkeypatch.setattr(recommended, "RECOMMENDED", ())
+    assert "no method's gain is yet above its seed-to-seed spread" in story(table).splitlines()[-1]

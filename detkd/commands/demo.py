@@ -3,10 +3,12 @@
 The demo is a one-seed, fixed-budget ``detkd bench`` (:mod:`detkd.bench`) written into ``OUT/``: it makes
 the digits data (if absent), trains a Faster R-CNN ResNet-34 teacher, then trains a narrow ResNet-18 student
 for the same 3 epochs from the same random start three times: alone, distilled with FGFI and distilled with
-the global-knowledge method. It prints one table and the gain of each distilled student over the student
-alone. Runs are repeatable: fixed thread count and deterministic algorithms, so the same machine prints the
-same table every time (benchmarks/RESULTS.md gives the range across seeds). Finished runs are skipped when
-the demo runs again; an interrupted one resumes. Faster R-CNN because it learns digits from scratch within
+the global-knowledge method (with the authors' 3x3 adapter, the option that suits this regime). It prints
+one table, the gain of each distilled student over the student alone, and one line on what the converged
+benches (pretrained backbones, students trained to their plateau: the regime users train in) recommend.
+Runs are repeatable: fixed thread count and deterministic algorithms, so the same machine prints the same
+table every time (benchmarks/RESULTS.md gives the range across seeds). Finished runs are skipped when the
+demo runs again; an interrupted one resumes. Faster R-CNN because it learns digits from scratch within
 minutes (benchmarks/RESULTS.md).
 """
 
@@ -21,11 +23,14 @@ import yaml
 
 from detkd.bench import run_bench
 from detkd.config import DataConfig, DigitsConfig, ModelConfig, TrainConfig, to_dict
+from detkd.distill.recommended import as_config, recommendations
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
 
 DEMO_THREADS = 2  # fixed, so that a machine prints the same table every time (any core count gives the same)
-DEMO_GLOBAL: dict[str, Any] = {}  # options of the demo's global row beyond the paper's defaults
+# the global row's options beyond the paper's defaults: the authors' 3x3 adapter, which benchmarks/RESULTS.md
+# ("Why the global method trails on Faster R-CNN") recommends for a student trained from scratch at a small budget
+DEMO_GLOBAL: dict[str, Any] = {"adapter": "conv3x3"}
 # one seed: a gain under 3 mAP points is within the seed-to-seed spread of this from-scratch pair (the
 # bench's Faster R-CNN baseline: 0.505 / 0.530 / 0.541 over seeds 0-2, benchmarks/RESULTS.md)
 NOISE = 0.03
@@ -81,7 +86,18 @@ def story(table: list[dict[str, Any]]) -> str:
         gain = e["mAP"] - base
         verdict = "better" if gain > NOISE else ("worse" if gain < -NOISE else "within seed-to-seed noise")
         lines.append(f"[demo]   + {row}: {e['mAP']:.3f}, {100 * (e['mAP'] - base):+.1f} points: {verdict}")
-    return "\n".join(lines)
+    return "\n".join(lines + converged_lines())
+
+
+def converged_lines() -> list[str]:
+    """What the converged benches (pretrained backbones, students trained to their plateau) found: the demo's
+    short from-scratch regime answers another question, so it says where the user's regime is answered."""
+    recs = recommendations()
+    if not recs:
+        return ["[demo] converged benches (pretrained backbones, trained to the plateau): no method's gain is yet "
+                "above its seed-to-seed spread (benchmarks/RESULTS.md, \"Converged\")"]
+    return ["[demo] converged benches (pretrained backbones, trained to the plateau; benchmarks/RESULTS.md): "
+            + "; ".join(f"{', '.join(r.archs)}: {as_config(r)}, {r.evidence}" for r in recs)]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
