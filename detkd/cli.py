@@ -201,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         run_bench(args.config, args.overrides, only=only, seeds=seeds, dry_run=args.dry_run,
-                  quiet=not args.progress, report_only=args.report)
+                  quiet=not args.progress, report_only=args.report, jobs=args.jobs)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="write and print the table and plots of the runs finished so far, run nothing")
     p.add_argument("--progress", action="store_true", help="progress bars of every run in its log")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1); on CPU give each its share of "
+                   "the cores with train.threads")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list the distillation methods, or one method's options and defaults")

@@ -249,17 +249,60 @@ def _pids_running(needle: str) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_stopped_bench_stops_its_run(tmp_path):
-    # SIGTERM to the bench (a scheduler, `kill`) used to leave the run it waited for training unwatched
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_stopped_bench_stops_its_runs(tmp_path, jobs):
+    # SIGTERM to the bench (a scheduler, `kill`) used to leave the run it waited for training unwatched; with
+    # --jobs 2 the teacher and seed 0's pre-training (which does not need the teacher) run at once: both stop
     path = _bench_file(tmp_path)
-    teacher_cfg = str(tmp_path / "bench" / "teacher" / "run.yaml")
-    bench = subprocess.Popen([sys.executable, "-m", "detkd.cli", "bench", path], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    started = [str(tmp_path / "bench" / "teacher" / "run.yaml")]
+    if jobs == 2:
+        started.append(str(tmp_path / "bench" / "seed0" / "pretrain" / "run.yaml"))
+    bench = subprocess.Popen([sys.executable, "-m", "detkd.cli", "bench", path, "--jobs", str(jobs)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not _pids_running(teacher_cfg) and time.monotonic() < deadline:
+    while not all(_pids_running(c) for c in started) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _pids_running(teacher_cfg), "the teacher run never started"
+    assert all(_pids_running(c) for c in started), "the runs never started"
     bench.send_signal(signal.SIGTERM)
     assert bench.wait(timeout=60) == 128 + signal.SIGTERM
-    assert _pids_running(teacher_cfg) == []
+    assert [_pids_running(c) for c in started] == [[]] * len(started)
     assert not (tmp_path / "bench" / "teacher" / "result.json").exists()
+
+
+def test_jobs_run_side_by_side_after_what_they_start_from(tmp_path, monkeypatch, capsys):
+    """--jobs N: at most N runs at once; a distilled row starts after the teacher has finished, a warm-start
+    row after its seed's pre-training; every run runs once (a stand-in for the subprocess, timed)."""
+    from detkd.bench import run as bench_run
+
+    cfg, methods = load_bench(_bench_file(tmp_path, seeds=[0, 1]))
+    runs = plan_runs(cfg, methods)
+    lock = __import__("threading").Lock()
+    events: list[tuple[str, str, float]] = []
+    live = [0, 0]  # now, most
+
+    def fake_execute(run, out, quiet=True):
+        with lock:
+            events.append(("start", run.name, time.monotonic()))
+            live[0] += 1
+            live[1] = max(live)
+        time.sleep(0.15 if run.row in ("teacher", "pretrain") else 0.05)
+        with lock:
+            live[0] -= 1
+            events.append(("end", run.name, time.monotonic()))
+        return {"metrics": {"mAP": 0.5}, "wall_s": 0.1, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(bench_run, "execute", fake_execute)
+    monkeypatch.setattr(bench_run, "write_report", lambda *a, **k: {})
+    failures = bench_run._run_all(runs, runs, tmp_path / "bench", cfg, True, jobs=3)
+    assert failures == []
+    starts = {n: t for kind, n, t in events if kind == "start"}
+    ends = {n: t for kind, n, t in events if kind == "end"}
+    assert sorted(starts) == sorted(r.name for r in runs) and len(starts) == len(events) / 2
+    assert live[1] == 3
+    for r in runs:
+        if r.command == "distill":
+            assert starts[r.name] >= ends["teacher"], r.name
+        if r.seed >= 0 and r.row not in ("pretrain", "fair_budget"):
+            assert starts[r.name] >= ends[f"seed{r.seed}/pretrain"], r.name
+    assert main(["bench", str(tmp_path / "bench.yaml"), "--jobs", "0"]) == 2
+    assert "--jobs 0: give at least 1" in capsys.readouterr().err

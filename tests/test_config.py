@@ -30,7 +30,7 @@ def test_every_shipped_bench_plans_valid_runs(tmp_path):
     from detkd.bench import load_bench, plan_runs
 
     files = sorted(glob.glob("configs/bench/*.yaml"))
-    assert len(files) == 11
+    assert len(files) == 12
     converged = {"configs/bench/converged_faster_rcnn.yaml", "configs/bench/converged_fcos.yaml"}
     fixed_budget = {"configs/bench/digits_faster_rcnn.yaml", "configs/bench/digits_fcos.yaml"}
     # the cross-family bench takes the FCOS bench's teacher, which this checkout has not trained
@@ -58,6 +58,11 @@ def test_every_shipped_bench_plans_valid_runs(tmp_path):
             assert all(r.raw["distill"].get("balance", 0.0) == 0.0 for r in runs if r.command == "distill")
             assert sorted({r.seed for r in runs if r.row == "baseline"}) == [0, 1, 2, 3, 4]
             continue
+        elif f == "configs/bench/converged_fcos_2x.yaml":  # issue 19's "2x": the converged FCOS bench, doubled
+            one_x, _ = load_bench("configs/bench/converged_fcos.yaml")
+            assert cfg.epochs == 2 * one_x.epochs and rows == {"teacher", "baseline", "defeat", "pkd"}
+            assert (cfg.student_config, cfg.teacher_config) == (one_x.student_config, one_x.teacher_config)
+            assert all(r.raw["model"]["backbone_weights"].startswith("runs/pretrain/digits/") for r in runs)
         elif f in fixed_budget:  # the evidence benches: no warm start, the global method and its options
             assert cfg.pretrain_epochs == 0 and {"pretrain", "fair_budget"}.isdisjoint(rows)
             assert {"teacher", "baseline", "fgfi", "gid", "global", "pkd"} <= rows

@@ -1,5 +1,6 @@
 """Running a bench: each run a ``detkd train`` / ``detkd distill`` subprocess, resumed when interrupted,
-skipped when finished; the report rewritten after every run."""
+skipped when finished; the report rewritten after every run. ``jobs`` runs that many at once, each as soon
+as the runs it needs (the teacher, its seed's pre-training) have finished."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,21 @@ from detkd.errors import BenchError
 from detkd.runtime.checkpoint import FINAL_METRICS
 from detkd.runtime.console import info
 from detkd.runtime.files import atomic_write_text
+
+# the runs' processes now running (from any of the bench's worker threads): a stopped bench stops them all
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _stop_live() -> None:
+    """Stop every running run (the bench was stopped: Ctrl-C, SIGTERM) rather than leave them training
+    unwatched; each resumes from its last checkpoint when the bench is run again."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait()
 
 
 def execute(run: BenchRun, out: Path, quiet: bool = True) -> dict[str, Any]:
@@ -47,15 +65,18 @@ def execute(run: BenchRun, out: Path, quiet: bool = True) -> dict[str, Any]:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
         try:
             # wait4 gives this child's own resource usage (peak RSS of the run, not of the bench)
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
-            # the bench was stopped (Ctrl-C, SIGTERM): stop its run too rather than leave it running
-            # unwatched; it resumes from its last checkpoint when the bench is run again
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -92,11 +113,16 @@ def _final_metrics(run: BenchRun, folder: Path, log_path: Path) -> dict[str, Any
 
 def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
               seeds: list[int] | None = None, dry_run: bool = False, quiet: bool = True,
-              report_only: bool = False) -> dict[str, Any]:
+              report_only: bool = False, jobs: int = 1) -> dict[str, Any]:
     """Plan, run what is not finished, and write the table and plots. Returns the summary.
+
+    ``jobs``: how many runs at once (each its own process with the config's ``train.threads``; on CPU give
+    each job its share of the cores).
 
     ``report_only``: run nothing, write the table and plots of the runs finished so far (also while another
     process runs the bench: the table files are written atomically)."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give at least 1")
     cfg, methods = load_bench(path, overrides)
     if seeds:
         cfg.seeds = seeds
@@ -123,24 +149,7 @@ def run_bench(path: str | Path, overrides: list[str] | None = None, only: list[s
             state = "done" if r not in todo else "to run"
             print(f"{r.name:<28} {r.command:<8} {state}")
         return {}
-    failures: list[str] = []
-    t_start = time.perf_counter()
-    for i, r in enumerate(todo):
-        blocked = _blocked_by(r, failures)
-        if blocked:
-            info(f"[{i + 1}/{len(todo)}] {r.name}: skipped, it needs {blocked} which failed")
-            failures.append(r.name)
-            continue
-        info(f"[{i + 1}/{len(todo)}] {r.name}: {r.command} ({_eta(t_start, i, len(todo))})")
-        try:
-            res = execute(r, out, quiet=quiet)
-        except BenchError as e:
-            info(str(e))
-            failures.append(r.name)
-            continue
-        info(f"[{i + 1}/{len(todo)}] {r.name}: mAP {res['metrics']['mAP']:.4f} in {res['wall_s'] / 60:.1f} min, "
-             f"peak {res['peak_rss_mb']:.0f} MB")
-        write_report(out, runs, cfg)
+    failures = _run_all(todo, runs, out, cfg, quiet, jobs)
     summary = write_report(out, runs, cfg)
     print(summary["markdown"])
     if lock is not None:
@@ -185,18 +194,78 @@ def _lock(out: Path):
     return f
 
 
-def _blocked_by(run: BenchRun, failures: list[str]) -> str:
-    """The failed run this one depends on (the teacher, or its seed's pre-training), if any."""
+def _run_all(todo: list[BenchRun], runs: list[BenchRun], out: Path, cfg: Any, quiet: bool, jobs: int) -> list[str]:
+    """Run ``todo``, up to ``jobs`` at once, in plan order as their dependencies finish; the report is
+    rewritten after every run. Returns the names of the runs that failed or were skipped for a failure."""
+    planned = {r.name for r in runs}
+    done = {r.name for r in runs if r not in todo}
+    pending = list(todo)
+    running: dict[Future, tuple[int, BenchRun]] = {}
+    failures: list[str] = []
+    numbered = completed = 0  # runs started (or skipped), runs ended
+    t_start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            while pending or running:
+                for r in list(pending):
+                    if len(running) >= jobs:
+                        break
+                    blocked = _blocked_by(r, failures)
+                    if blocked:
+                        pending.remove(r)
+                        numbered += 1
+                        completed += 1
+                        info(f"[{numbered}/{len(todo)}] {r.name}: skipped, it needs {blocked} which failed")
+                        failures.append(r.name)
+                        continue
+                    if any(n in planned and n not in done for n in _needs(r)):
+                        continue  # its teacher or pre-training is still running
+                    pending.remove(r)
+                    numbered += 1
+                    info(f"[{numbered}/{len(todo)}] {r.name}: {r.command} "
+                         f"({_eta(t_start, completed, len(todo) - completed)})")
+                    running[pool.submit(execute, r, out, quiet)] = (numbered, r)
+                if not running:
+                    break
+                finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished_now:
+                    i, r = running.pop(fut)
+                    completed += 1
+                    try:
+                        res = fut.result()
+                    except BenchError as e:
+                        info(str(e))
+                        failures.append(r.name)
+                        continue
+                    done.add(r.name)
+                    info(f"[{i}/{len(todo)}] {r.name}: mAP {res['metrics']['mAP']:.4f} in "
+                         f"{res['wall_s'] / 60:.1f} min, peak {res['peak_rss_mb']:.0f} MB")
+                    write_report(out, runs, cfg)
+        except BaseException:
+            _stop_live()
+            raise
+    return failures
+
+
+def _needs(run: BenchRun) -> list[str]:
+    """The runs this one starts from: the teacher (distilled rows), its seed's pre-training (warm start)."""
     needs = []
     if run.command == "distill":
         needs.append("teacher")
     if run.seed >= 0 and run.row not in ("pretrain", "fair_budget"):
         needs.append(f"seed{run.seed}/pretrain")
-    return next((n for n in needs if n in failures), "")
+    return needs
 
 
-def _eta(t_start: float, done: int, total: int) -> str:
-    if done == 0:
-        return f"{total} to go"
-    per = (time.perf_counter() - t_start) / done
-    return f"{total - done} to go, about {per * (total - done) / 60:.0f} min left"
+def _blocked_by(run: BenchRun, failures: list[str]) -> str:
+    """The failed run this one depends on (the teacher, or its seed's pre-training), if any."""
+    return next((n for n in _needs(run) if n in failures), "")
+
+
+def _eta(t_start: float, finished: int, left: int) -> str:
+    """``left`` runs not ended yet; the time left at the bench's pace so far (wall time per ended run, which
+    counts the runs that ran side by side)."""
+    if finished == 0:
+        return f"{left} to go"
+    per = (time.perf_counter() - t_start) / finished
+    return f"{left} to go, about {per * left / 60:.0f} min left"
