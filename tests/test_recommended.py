@@ -50,3 +50,14 @@ def test_methods_says_when_nothing_is_recommended(capsys, monkeypatch):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "No method is recommended yet" in out and " * " not in out
+
+
+def test_listing_into_a_closed_pipe_is_not_an_error():
+    # `detkd methods | head -3`: the reader leaves early; no BrokenPipeError traceback, exit 0
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m detkd.cli methods global | head -n 2"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith("global:")
