@@ -48,6 +48,6 @@ def test_story_ends_with_what_the_converged_benches_recommend(monkeypatch):
     table = [{"row": "baseline", "mAP": 0.25, "epochs": 3}, {"row": "fgfi", "mAP": 0.335, "epochs": 3}]
     monkeypatch.setattr(recommended, "RECOMMENDED", (Recommendation(("fcos",), "defeat", {}, "5 seeds: +4.0"),))
     last = story(table).splitlines()[-1]
-    assert last.startswith("[demo] converged benches") and "fcos: {name: defeat}, 5 seeds: +4.0" in last
+    assert last.startswith("[demo] converged benches") and "recommend fcos: {name: defeat} (the evidence: " in last
     monkeypatch.setattr(recommended, "RECOMMENDED", ())
     assert "no method's gain is yet above its seed-to-seed spread" in story(table).splitlines()[-1]
