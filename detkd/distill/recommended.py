@@ -31,6 +31,12 @@ RECOMMENDED: tuple[Recommendation, ...] = (
         "student 0.461 alone), 5 seeds: +4.2 mAP [+3.3, +5.1], 31% of the gap; next PKD +3.6 [+1.8, +5.4] on "
         "3 seeds; RetinaNet: the nearest one-stage evidence, not measured on its own",
     ),
+    Recommendation(
+        ("faster_rcnn",), "gid", {},
+        "converged Faster R-CNN bench (configs/bench/converged_faster_rcnn.yaml: R34 teacher 0.695 -> "
+        "MobileNetV3-Large student 0.620 alone), 5 seeds: +2.1 mAP [+1.4, +2.7], 27% of the gap; next FGFI "
+        "+1.9 [+1.1, +2.7] on 5 seeds",
+    ),
 )
 
 
