@@ -88,6 +88,9 @@ def test_prototype_method_on_differing_pyramids(v2_teacher, tmp_path):
     assert all(math.isfinite(v) for r in train for k, v in r.items() if k.startswith(("loss", "global/")))
     # these 4 images hold one instance per class, so with k = 1 each instance is its class's prototype: on the
     # first step (the student as at the refresh) its Eq. 5 coefficient is 1 in both spaces, L_global is 0, every
-    # sigma 1, and every instance's class has a prototype
+    # sigma 1, and every instance's class has a prototype. Equal up to float rounding only: the refresh and the
+    # step batch the images differently, and on some CPUs their kernels round differently (CI's: 3.6e-15, 1 - 1.2e-7)
     assert len(set(labels)) == len(labels)
-    assert (train[0]["loss_global"], train[0]["global/sigma_min"], train[0]["global/proto_covered"]) == (0.0, 1.0, 1.0)
+    assert train[0]["loss_global"] == pytest.approx(0.0, abs=1e-6)
+    assert train[0]["global/sigma_min"] == pytest.approx(1.0, abs=1e-5)
+    assert train[0]["global/proto_covered"] == 1.0
