@@ -15,7 +15,9 @@ on CUDA), for:
   channels_last`` (``distill.teacher_channels_last``);
 - ``METHOD``: the full training step with the live teacher (the cache off);
 - ``METHOD +cache``: the same with ``distill.teacher_cache`` on, in memory, filled during the warm-up
-  steps (every timed step reuses the teacher's outputs, as from the second epoch on).
+  steps (every timed step reuses the teacher's outputs, as from the second epoch on);
+- ``METHOD +cache_bf16`` (``--bf16``): the same with ``distill.teacher_dtype: bfloat16``, so what the teacher
+  still computes live (the RoI head on the student's RoIs, CrossKD's head tail) runs under bfloat16 autocast.
 
 ``--per-method``: one child per method (student, METHOD, METHOD +cache) rather than one per family: with
 some 30 configurations in one process a few of them (FGFI and MGD on Faster R-CNN) ran 2x slower than
@@ -86,11 +88,12 @@ def build(name: str, arch: str, args: dict) -> dict:
 
         c.update(name=name, forward=forward, step=DistillStep(step.student, nn.ModuleList(), [], teacher))
         return c
-    method, cached = name.removesuffix("+cache"), name.endswith("+cache")
+    method, _, cache_kind = name.partition("+")
     c = build_config(method, arch, args)
-    if cached:
+    if cache_kind:  # "cache": float32 teacher; "cache_bf16": its RoI head / live passes in bfloat16
         step = c["step"]
-        step.cache = TeacherCache(step.teacher, step.request)
+        dtype = "bfloat16" if cache_kind == "cache_bf16" else "auto"
+        step.cache = TeacherCache(step.teacher, step.request, teacher_dtype=dtype)
         c["name"] = name
     c["info"]["roi"] = bool(c["step"].request.roi_outputs) if c["step"].distillers else False
     return c
@@ -136,6 +139,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--train-images", type=int, default=16, help="digits training images (2 batches of 8)")
     ap.add_argument("--no-variants", action="store_true", help="skip the live-teacher variants")
+    ap.add_argument("--bf16", action="store_true", help="also METHOD+cache_bf16 (distill.teacher_dtype bfloat16)")
     ap.add_argument("--per-method", action="store_true",
                     help="one child process per method (student, METHOD, METHOD +cache) instead of one per family")
     a = ap.parse_args()
@@ -154,7 +158,7 @@ def main() -> None:
         for arch in a.archs:
             methods = arch_methods(arch, a.methods)
             groups = [["student", *([] if a.no_variants else VARIANTS)]]
-            pairs = [[m, f"{m}+cache"] for m in methods]
+            pairs = [[m, f"{m}+cache", *([f"{m}+cache_bf16"] if a.bf16 else [])] for m in methods]
             if a.per_method:  # each method next to its own student-alone reference
                 groups += [["student", *p] for p in pairs]
             else:
@@ -183,7 +187,7 @@ def main() -> None:
         t0 = r.get("teacher", {}).get("s")
         for n, x in r.items():
             target = ""
-            if n.endswith("+cache"):
+            if "+cache" in n:
                 limit = ROI_TARGET if x.get("roi") else FEATURE_TARGET
                 target = f"<= {limit:.2f} {'met' if x['x_student'] <= limit else 'MISSED'}"
                 target += f" ({x['hits']} images reused, {x['cache_mb']:.0f} MB)"
