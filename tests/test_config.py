@@ -67,6 +67,7 @@ def test_every_shipped_bench_plans_valid_runs(tmp_path):
                 opts = {row: ms[-1]["options"] for row, ms in methods.items()}
                 assert opts["global_no_resp"] == {"max_images_per_class": 50, "use_resp": False}
                 assert opts["global_defeat_feat"] == {"max_images_per_class": 50, "feat_loss": "defeat"}
+                assert opts["global_whole_map_no_resp"] == {**opts["global_conv3x3_no_resp"], "feat_loss": "defeat"}
                 relation_only = {"max_images_per_class": 50, "use_feat": False, "use_resp": False}
                 assert opts["global_only_global"] == opts["defeat_relation"] == relation_only
                 assert [m["name"] for m in methods["defeat_relation"]] == ["defeat", "global"]
