@@ -70,6 +70,7 @@ def test_every_shipped_bench_plans_valid_runs(tmp_path):
                 assert opts["global_whole_map_no_resp"] == {**opts["global_conv3x3_no_resp"], "feat_loss": "defeat"}
                 relation_only = {"max_images_per_class": 50, "use_feat": False, "use_resp": False}
                 assert opts["global_only_global"] == opts["defeat_relation"] == relation_only
+                assert opts["global_only_global_a100"] == {**relation_only, "a_global": 100.0}
                 assert [m["name"] for m in methods["defeat_relation"]] == ["defeat", "global"]
             continue
         elif f == closer:
