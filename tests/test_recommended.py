@@ -13,7 +13,8 @@ from detkd.distill.recommended import Recommendation, as_config
 LEVELS = {"faster_rcnn": 5, "retinanet": 5, "fcos": 5}
 
 
-@pytest.mark.parametrize("rec", rec_mod.RECOMMENDED, ids=lambda r: f"{r.method}-{'-'.join(r.archs)}")
+@pytest.mark.parametrize("rec", rec_mod.RECOMMENDED + rec_mod.BEST_OPTIONS,
+                         ids=lambda r: f"{r.method}-{'-'.join(r.archs)}")
 def test_each_recommendation_builds_for_the_families_it_names(rec):
     assert rec.method in REGISTRY
     # it says what it rests on: the seeds and the paired gain's interval
@@ -61,3 +62,15 @@ def test_listing_into_a_closed_pipe_is_not_an_error():
     done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout.startswith("global:")
+
+
+def test_methods_prints_the_best_options_of_a_method_that_is_not_recommended(capsys, monkeypatch):
+    best = (Recommendation(("fcos", "retinanet"), "global", {"adapter": "conv3x3", "use_resp": False},
+                           "converged FCOS bench, 3 seeds: +4.0 [+2.2, +5.8]"),)
+    monkeypatch.setattr(rec_mod, "BEST_OPTIONS", best)
+    assert main(["methods", "global"]) == 0
+    out = capsys.readouterr().out
+    assert "best options found for fcos, retinanet: {name: global, adapter: conv3x3, use_resp: false}" in out
+    assert "3 seeds: +4.0 [+2.2, +5.8]" in out
+    assert main(["methods", "defeat"]) == 0
+    assert "best options found" not in capsys.readouterr().out

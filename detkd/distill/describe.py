@@ -22,7 +22,7 @@ from typing import Any
 
 from detkd.distill import REGISTRY
 from detkd.distill.base import DEFAULT_RANGE, Distiller, is_numeric, option_range
-from detkd.distill.recommended import as_config, recommendations
+from detkd.distill.recommended import as_config, best_options, recommendations
 
 
 def registry() -> dict[str, type[Distiller]]:
@@ -192,6 +192,9 @@ def format_method(name: str) -> str:
     lines = [f"{name}: {summary(cls)}", f"detectors: {', '.join(cls.archs)}"]
     for r in recommendations(name):
         lines.append(f"recommended for {', '.join(r.archs)}: {as_config(r)}")
+        lines.extend("    " + line for line in textwrap.wrap(r.evidence, 100))
+    for r in best_options(name):
+        lines.append(f"best options found for {', '.join(r.archs)}: {as_config(r)}")
         lines.extend("    " + line for line in textwrap.wrap(r.evidence, 100))
     lines += ["", "options (default, allowed values, help):"]
     rows = options_table(cls)
