@@ -190,12 +190,10 @@ def format_method(name: str) -> str:
         raise KeyError(name)
     cls = methods[name]
     lines = [f"{name}: {summary(cls)}", f"detectors: {', '.join(cls.archs)}"]
-    for r in recommendations(name):
-        lines.append(f"recommended for {', '.join(r.archs)}: {as_config(r)}")
-        lines.extend("    " + line for line in textwrap.wrap(r.evidence, 100))
-    for r in best_options(name):
-        lines.append(f"best options found for {', '.join(r.archs)}: {as_config(r)}")
-        lines.extend("    " + line for line in textwrap.wrap(r.evidence, 100))
+    for label, recs in (("recommended", recommendations(name)), ("best options found", best_options(name))):
+        for r in recs:
+            lines.append(f"{label} for {', '.join(r.archs)}: {as_config(r)}")
+            lines.extend("    " + line for line in textwrap.wrap(r.evidence, 100))
     lines += ["", "options (default, allowed values, help):"]
     rows = options_table(cls)
     if not rows:
