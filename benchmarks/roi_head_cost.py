@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -40,8 +41,6 @@ def main() -> None:
     a = ap.parse_args()
     check_device(a.device)
     torch.set_num_threads(a.threads)
-    from collections import OrderedDict
-
     from detkd.taps import TapRequest, tap_student, tap_teacher, transform_batch
 
     stamp = RunStamp()
