@@ -71,14 +71,30 @@ TARGET = 1.10  # each distiller at most 10 % over "+teacher"
 # Building one configuration (in a child)
 
 
-def load_cfg(arch: str, method: str, data_root: str, teacher_ckpt: str, train_images: int, device: str):
-    """The digits config of ``arch`` distilled with ``method`` (any method: only ``methods`` differs)."""
+# The teacher / student pairs a step can be timed on. "digits": the digits configs (96 px, batch 8,
+# ResNet-34 FPN-128 teacher, ResNet-18 FPN-32 student, Faster R-CNN box_batch_size_per_image 128). "coco":
+# the papers' pair of configs/coco (ResNet-101 -> ResNet-50, FPN-256 both, frozen BN, batch 2, 512 sampled
+# RoIs per image) on digits scenes rendered at ``size`` px (800 = the papers' short side), random weights,
+# the digits' 10 classes (COCO's 80 would widen only the heads' last layers).
+PAIRS = {"digits": "configs/digits/{arch}_r34_r18_fitnet.yaml", "coco": "configs/coco/{arch}_r101_r50_fitnet.yaml"}
+
+
+def load_cfg(arch: str, method: str, data_root: str, teacher_ckpt: str, train_images: int, device: str,
+             pair: str = "digits", size: int = 0):
+    """The ``pair`` config of ``arch`` distilled with ``method`` (any method: only ``methods`` differs);
+    ``size`` > 0 renders the digits scenes and sizes both models' inputs at ``size`` px."""
     from detkd.config import MethodConfig, load_config
 
-    cfg = load_config(REPO / "configs" / "digits" / f"{arch}_r34_r18_fitnet.yaml", [
-        f"distill.teacher_checkpoint={teacher_ckpt}", f"data.root={data_root}", "data.workers=0",
-        f"data.digits.train_images={train_images}", "data.digits.val_images=4", f"train.device={device}",
-    ])
+    over = [f"distill.teacher_checkpoint={teacher_ckpt}", f"data.root={data_root}", "data.workers=0",
+            f"data.digits.train_images={train_images}", "data.digits.val_images=4", f"train.device={device}"]
+    if pair == "coco":  # no download: random weights; digits scenes in place of COCO images
+        over += ["model.backbone_weights=none", "distill.teacher.backbone_weights=none", "data.format=digits",
+                 "data.hflip=0.0", "train.amp=false", "model.num_classes=10", "distill.teacher.num_classes=10"]
+        size = size or 800
+    if size:
+        over += [f"data.digits.image_size={size}", *(f"{m}.{k}={size}" for m in ("model", "distill.teacher")
+                                                      for k in ("min_size", "max_size"))]
+    cfg = load_config(REPO / PAIRS[pair].format(arch=arch), over)
     cfg.distill.methods = [MethodConfig(method)]
     return cfg
 
@@ -118,7 +134,8 @@ def build_config(name: str, arch: str, args: dict) -> dict:
 
     device = torch.device(args["device"])
     method = name if name in METHODS else "fitnet"
-    cfg = load_cfg(arch, method, args["data_root"], args["teachers"][arch], args["train_images"], args["device"])
+    cfg = load_cfg(arch, method, args["data_root"], args["teachers"][arch], args["train_images"], args["device"],
+                   args.get("pair", "digits"), args.get("size", 0))
     torch.manual_seed(0)
     info: dict = {}
     if name == "student":
@@ -277,7 +294,8 @@ def spawn(args: dict, memory: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare(tmp: Path, archs: list[str], train_images: int) -> tuple[str, dict[str, str]]:
+def prepare(tmp: Path, archs: list[str], train_images: int, pair: str = "digits",
+            size: int = 0) -> tuple[str, dict[str, str]]:
     """Digits data in ``tmp`` and an untrained teacher checkpoint per family (the cost does not depend on
     the teacher's training)."""
     from detkd.models import build_detector
@@ -286,17 +304,16 @@ def prepare(tmp: Path, archs: list[str], train_images: int) -> tuple[str, dict[s
     data_root = str(tmp / "digits")
     teachers = {}
     for arch in archs:
-        cfg = load_cfg(arch, "fitnet", data_root, "none", train_images, "cpu")
+        cfg = load_cfg(arch, "fitnet", data_root, "none", train_images, "cpu", pair, size)
         torch.manual_seed(0)
         path = tmp / f"teacher_{arch}.pt"
         save_checkpoint(path, {"model": build_detector(cfg.distill.teacher).state_dict()})
         teachers[arch] = str(path)
     from detkd.data import ensure_digits
 
-    ensure_digits(data_root, load_cfg(archs[0], "fitnet", data_root, "none", train_images, "cpu").data.digits)
+    cfg = load_cfg(archs[0], "fitnet", data_root, "none", train_images, "cpu", pair, size)
+    ensure_digits(data_root, cfg.data.digits)
     return data_root, teachers
-
-
 
 
 def main() -> None:

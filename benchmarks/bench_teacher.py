@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from bench_step import (  # the script's own folder is on sys.path
     METHODS,
+    PAIRS,
     arch_methods,
     build_config,
     load_batches,
@@ -138,6 +139,9 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--train-images", type=int, default=16, help="digits training images (2 batches of 8)")
+    ap.add_argument("--pair", default="digits", choices=sorted(PAIRS),
+                    help="digits: the digits configs (96 px); coco: the papers' ResNet-101 -> ResNet-50 pair")
+    ap.add_argument("--size", type=int, default=0, help="image size in px (default: the pair's, coco 800)")
     ap.add_argument("--no-variants", action="store_true", help="skip the live-teacher variants")
     ap.add_argument("--bf16", action="store_true", help="also METHOD+cache_bf16 (distill.teacher_dtype bfloat16)")
     ap.add_argument("--per-method", action="store_true",
@@ -151,10 +155,11 @@ def main() -> None:
     stamp = RunStamp()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as tmp:
-        data_root, teachers = prepare(Path(tmp), a.archs, a.train_images)
+        data_root, teachers = prepare(Path(tmp), a.archs, a.train_images, a.pair, a.size)
+        batch = 2 if a.pair == "coco" else 8
         base = {"device": a.device, "threads": a.threads, "data_root": data_root, "teachers": teachers,
                 "train_images": a.train_images, "steps": a.steps, "warmup": a.warmup,
-                "batches": max(1, a.train_images // 8)}
+                "batches": max(1, a.train_images // batch), "pair": a.pair, "size": a.size}
         for arch in a.archs:
             methods = arch_methods(arch, a.methods)
             groups = [["student", *([] if a.no_variants else VARIANTS)]]
@@ -179,7 +184,8 @@ def main() -> None:
                 results[arch].setdefault("student", {**ref, "x_student": 1.0})
                 results[arch].update(r)
     unit = "CPU s (process, all threads)" if a.device == "cpu" else "wall s (synchronised)"
-    print(f"# bench_teacher {stamp.start}, device {a.device} ({device_name(a.device)}), {a.threads} threads, torch "
+    print(f"# bench_teacher {stamp.start}, pair {a.pair} ({a.size or 'its own'} px), device {a.device} "
+          f"({device_name(a.device)}), {a.threads} threads, torch "
           f"{torch.__version__}, {a.steps} steps after the warm-up, {stamp.load()}; median {unit} "
           f"per training step; x student: ratio to the student alone, measured side by side in one process")
     for arch, r in results.items():
