@@ -1,12 +1,14 @@
 """What the teacher costs a distilled step, and what the teacher cache and a cheaper live teacher save.
 
     python benchmarks/bench_teacher.py [--device cpu|cuda] [--steps 8] [--threads 1]
-        [--archs faster_rcnn retinanet] [--methods fitnet fgfi ...] [--no-variants]
+        [--archs faster_rcnn retinanet] [--methods fitnet fgfi ...] [--no-variants] [--per-method] [--bf16]
+        [--pair digits|coco] [--size PX]
 
 Same configurations, data and timing protocol as benchmarks/bench_step.py (digits configs, 96 px, batch
 8, ResNet-34 FPN-128 teacher, ResNet-18 FPN-32 student, untrained teacher, fixed batches; all
 configurations of a family in ONE child process, steps taken in turn, median CPU time on CPU / wall time
-on CUDA), for:
+on CUDA; ``--pair coco``: the papers' ResNet-101 -> ResNet-50 pair of configs/coco, FPN-256 both, batch 2,
+on digits scenes of ``--size`` px, default 800; use ``--train-images 4``, two batches), for:
 
 - ``student``: the student alone;
 - ``teacher``: the student through the taps plus the live teacher forward (merged request), no distiller,
@@ -143,6 +145,8 @@ def main() -> None:
                     help="digits: the digits configs (96 px); coco: the papers' ResNet-101 -> ResNet-50 pair")
     ap.add_argument("--size", type=int, default=0, help="image size in px (default: the pair's, coco 800)")
     ap.add_argument("--no-variants", action="store_true", help="skip the live-teacher variants")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
+                    help="which live-teacher variants (teacher: the default live teacher, their reference)")
     ap.add_argument("--bf16", action="store_true", help="also METHOD+cache_bf16 (distill.teacher_dtype bfloat16)")
     ap.add_argument("--per-method", action="store_true",
                     help="one child process per method (student, METHOD, METHOD +cache) instead of one per family")
@@ -162,7 +166,7 @@ def main() -> None:
                 "batches": max(1, a.train_images // batch), "pair": a.pair, "size": a.size}
         for arch in a.archs:
             methods = arch_methods(arch, a.methods)
-            groups = [["student", *([] if a.no_variants else VARIANTS)]]
+            groups = [["student", *([] if a.no_variants else [v for v in VARIANTS if v in a.variants])]]
             pairs = [[m, f"{m}+cache", *([f"{m}+cache_bf16"] if a.bf16 else [])] for m in methods]
             if a.per_method:  # each method next to its own student-alone reference
                 groups += [["student", *p] for p in pairs]

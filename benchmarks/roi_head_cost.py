@@ -2,9 +2,12 @@
 costs on the student's sampled RoIs, next to the student's whole training step.
 
     python benchmarks/roi_head_cost.py [--steps 10] [--warmup 2] [--threads 1] [--device cpu|cuda]
+        [--pair digits|coco] [--size PX]
 
 The configuration of benchmarks/bench_step.py / bench_teacher.py (digits, 96 px, batch 8, ResNet-34
-FPN-128 teacher, ResNet-18 FPN-32 student, box_batch_size_per_image 128: 1,024 sampled RoIs a step). The
+FPN-128 teacher, ResNet-18 FPN-32 student, box_batch_size_per_image 128: 1,024 sampled RoIs a step), or
+with ``--pair coco`` the papers' ResNet-101 -> ResNet-50 pair (FPN-256 both, batch 2, 512 RoIs per
+image: 1,024 a step) on digits scenes of ``--size`` px (default 800). The
 teacher cache removes the teacher's backbone, FPN and RPN, but not this: the RoIs are the student's, new
 every step, so ``kd``, ``gid``, ``global`` and DeFeat's RoI term pay the teacher's MultiScaleRoIAlign,
 its two fc layers and its predictor on every step, cache or not. Timed in one process, in turn: the
@@ -25,7 +28,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from bench_step import build_config, load_batches, prepare, train_step  # the script's own folder is on sys.path
+from bench_step import PAIRS, build_config, load_batches, prepare, train_step  # the script's folder is on sys.path
 from machine import RunStamp, check_device, device_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +41,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed repetitions of each part")
     ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--pair", default="digits", choices=sorted(PAIRS), help="teacher / student pair")
+    ap.add_argument("--size", type=int, default=0, help="image size in px (default: the pair's, coco 800)")
     a = ap.parse_args()
     check_device(a.device)
     torch.set_num_threads(a.threads)
@@ -46,9 +51,10 @@ def main() -> None:
     stamp = RunStamp()
     device = torch.device(a.device)
     with tempfile.TemporaryDirectory(prefix="roi_head_cost_") as tmp:
-        data_root, teachers = prepare(Path(tmp), ["faster_rcnn"], 16)
+        n_images = 4 if a.pair == "coco" else 16
+        data_root, teachers = prepare(Path(tmp), ["faster_rcnn"], n_images, a.pair, a.size)
         args = {"device": a.device, "threads": a.threads, "data_root": data_root, "teachers": teachers,
-                "train_images": 16}
+                "train_images": n_images, "pair": a.pair, "size": a.size}
         student_cfg = build_config("student", "faster_rcnn", args)
         kd = build_config("kd", "faster_rcnn", args)
         batch = load_batches(student_cfg["cfg"], device, 1)[0]
@@ -90,7 +96,8 @@ def main() -> None:
                     fn()
             rows.append((f"teacher {name}, {str(dtype).removeprefix('torch.')}", timed(run)))
     unit = "CPU s" if device.type == "cpu" else "wall s"
-    print(f"# roi_head_cost {stamp.start}, device {a.device} ({device_name(a.device)}), {a.threads} threads, torch "
+    print(f"# roi_head_cost {stamp.start}, pair {a.pair} ({a.size or 'its own'} px), device {a.device} "
+          f"({device_name(a.device)}), {a.threads} threads, torch "
           f"{torch.__version__}, {sum(r.shape[0] for r in rois)} RoIs, teacher box head input "
           f"{tuple(pooled.shape[1:])}, {a.steps} repetitions, {stamp.load()}; median {unit}")
     print(f"{'part':<48} {unit:>7} {'x student':>9}")
