@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py [--device cpu|cuda] [--steps 20] [--warmup 3] [--threads 2]
         [--archs faster_rcnn retinanet] [--methods fitnet fgfi ...] [--train-images 64] [--no-memory]
+        [--pair digits|coco] [--size PX]
 
 Configurations, for each detector family, all built from the digits configs
 (``configs/digits/{arch}_r34_r18_{method}.yaml``: 96 px images, batch 8, ResNet-34 FPN-128 teacher,
@@ -19,6 +20,8 @@ ResNet-18 FPN-32 student, Faster R-CNN box_batch_size_per_image 128) with an unt
   not per step).
 
 Every step runs on the same fixed batches of the digits data set (generated into a temporary folder).
+``--pair coco``: the papers' ResNet-101 -> ResNet-50 pair of configs/coco instead (FPN-256 both, batch 2,
+512 sampled RoIs per image, random weights) on digits scenes of ``--size`` px (default 800).
 
 Time: all configurations of a family live in ONE child process and take their steps in turn (round robin),
 so that a change of the background load hits every configuration alike; the median over ``--steps`` steps
@@ -323,6 +326,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--train-images", type=int, default=64, help="digits training images (batches + prototypes)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    ap.add_argument("--pair", default="digits", choices=sorted(PAIRS),
+                    help="digits: the digits configs (96 px); coco: the papers' ResNet-101 -> ResNet-50 pair")
+    ap.add_argument("--size", type=int, default=0, help="image size in px (default: the pair's, coco 800)")
     a = ap.parse_args()
 
     if a.child:
@@ -335,10 +341,10 @@ def main() -> None:
     names = {arch: ["student", "teacher", "teacher_feat", *arch_methods(arch, a.methods)] for arch in a.archs}
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
-        data_root, teachers = prepare(Path(tmp), a.archs, a.train_images)
+        data_root, teachers = prepare(Path(tmp), a.archs, a.train_images, a.pair, a.size)
         base = {"device": a.device, "threads": a.threads, "data_root": data_root, "teachers": teachers,
                 "train_images": a.train_images, "steps": a.steps, "warmup": a.warmup,
-                "batches": max(1, a.train_images // 8)}
+                "batches": max(1, a.train_images // (2 if a.pair == "coco" else 8)), "pair": a.pair, "size": a.size}
         for arch in a.archs:
             print(f"{arch}: timing {len(names[arch])} configurations in turn", file=sys.stderr, flush=True)
             results[arch] = spawn({**base, "arch": arch, "configs": names[arch]}, memory=False)
@@ -349,7 +355,8 @@ def main() -> None:
 
     key = "cpu_s" if a.device == "cpu" else "wall_s"
     mem_name = "peak RSS growth" if a.device == "cpu" else "peak CUDA alloc growth"
-    print(f"# bench_step {stamp.start}, device {a.device} ({device_name(a.device)}), {a.threads} threads, torch "
+    print(f"# bench_step {stamp.start}, pair {a.pair} ({a.size or 'its own'} px), device {a.device} "
+          f"({device_name(a.device)}), {a.threads} threads, torch "
           f"{torch.__version__}, {a.steps} steps after {a.warmup} warm-up, {stamp.load()}")
     print(f"# step: median wall s and {'CPU s (process, all threads)' if a.device == 'cpu' else '-'} per training "
           f"step; memory: {mem_name} (MB) over the first steps (peak) and within a later step above the state "
