@@ -1,7 +1,7 @@
 """detkd's training loop against a bare loop, and the data-loading and evaluation shares of an epoch.
 
     python benchmarks/bench_loop.py [--arch faster_rcnn|retinanet] [--rounds 6] [--train-images 48]
-        [--threads 1] [--workers 1] [--device cpu|cuda]
+        [--threads 1] [--workers 1] [--device cpu|cuda]     # rounds: 12 by default
 
 The same student (the digits bench student of ``--arch``: configs/bench/digits/{arch}_student.yaml, 64 px,
 batch 8), the same data set and loader settings, in ONE process:
@@ -73,7 +73,7 @@ def bare_epoch(model, opt, sched, loader, device) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="faster_rcnn", choices=["faster_rcnn", "retinanet"])
-    ap.add_argument("--rounds", type=int, default=6, help="epochs of each loop (alternating)")
+    ap.add_argument("--rounds", type=int, default=12, help="epochs of each loop (alternating)")
     ap.add_argument("--train-images", type=int, default=48)
     ap.add_argument("--val-images", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
@@ -146,6 +146,12 @@ def main() -> None:
         print(f"{s:<8} {med[s]['cpu']:11.2f} {med[s]['wall']:12.2f} {n_train / med[s]['wall']:12.1f}")
     print(f"detkd step rate / bare step rate: {med['bare']['cpu'] / med['detkd']['cpu']:.3f} (CPU time), "
           f"{med['bare']['wall'] / med['detkd']['wall']:.3f} (wall); target >= 0.97")
+    # one epoch's time moves by several percent from epoch to epoch even on an idle machine: the ratio of
+    # medians resolves a difference of about the spread divided by sqrt(rounds), so print the spread
+    spread = {s: statistics.quantiles(times[s]["cpu"], n=4) for s in ("detkd", "bare")} if a.rounds >= 2 else {}
+    for s, (q1, _, q3) in spread.items():
+        print(f"{s} epoch CPU s, interquartile range: {q1:.2f}-{q3:.2f} ({(q3 - q1) / med[s]['cpu']:.1%} of the "
+              "median)")
     print(f"data loading: the bare loop waits {med['bare']['wait']:.2f} s of its {med['bare']['wall']:.2f} s epoch "
           f"for batches ({med['bare']['wait'] / med['bare']['wall']:.1%}; {a.workers} worker process(es))")
     per_train = med["detkd"]["wall"] / n_train

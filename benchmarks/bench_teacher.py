@@ -169,7 +169,7 @@ def main() -> None:
             groups = [["student", *([] if a.no_variants else [v for v in VARIANTS if v in a.variants])]]
             pairs = [[m, f"{m}+cache", *([f"{m}+cache_bf16"] if a.bf16 else [])] for m in methods]
             if a.per_method:  # each method next to its own student-alone reference
-                groups += [["student", *p] for p in pairs]
+                groups = [g for g in groups if len(g) > 1] + [["student", *p] for p in pairs]
             else:
                 groups[0] += [n for p in pairs for n in p]
             results[arch] = {}

@@ -161,10 +161,12 @@ def fgd_level_losses(s: Tensor, t: Tensor, fg: Tensor, bg: Tensor, temp: float, 
     n = s.shape[0]
     spatial_t, channel_t = attention(t, temp)
     spatial_s, channel_s = attention(s, temp)
-    weight = spatial_t[:, None] * channel_t[:, :, None, None]  # teacher attention only
-    sq = (s - t) ** 2 * weight
-    fg_loss = (sq * fg[:, None]).sum() / n
-    bg_loss = (sq * bg[:, None]).sum() / n
+    # Eq. 9 weighs (s - t)^2 by the teacher's attentions A^S_hw A^C_c and a mask M_hw; summing over the
+    # channels first (A^C as a batched product) leaves one (N, H, W) map for both masks, instead of four
+    # (N, C, H, W) products: the same sum, half the passes over a P2-sized map
+    per_cell = torch.einsum("nchw,nc->nhw", (s - t) ** 2, channel_t) * spatial_t
+    fg_loss = (per_cell * fg).sum() / n
+    bg_loss = (per_cell * bg).sum() / n
     attn_loss = ((channel_s - channel_t).abs().sum() + (spatial_s - spatial_t).abs().sum()) / n
     global_loss = ((gc_student(s) - gc_teacher(t)) ** 2).sum() / n
     return {"fg": fg_loss, "bg": bg_loss, "attn": attn_loss, "global": global_loss}
