@@ -1,7 +1,7 @@
 """detkd's training loop against a bare loop, and the data-loading and evaluation shares of an epoch.
 
-    python benchmarks/bench_loop.py [--arch faster_rcnn|retinanet] [--rounds 6] [--train-images 48]
-        [--threads 1] [--workers 1] [--device cpu|cuda]     # rounds: 12 by default
+    python benchmarks/bench_loop.py [--arch faster_rcnn|retinanet] [--rounds 12] [--train-images 48]
+        [--threads 1] [--workers 1] [--device cpu|cuda]
 
 The same student (the digits bench student of ``--arch``: configs/bench/digits/{arch}_student.yaml, 64 px,
 batch 8), the same data set and loader settings, in ONE process:

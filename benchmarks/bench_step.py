@@ -80,6 +80,7 @@ TARGET = 1.10  # each distiller at most 10 % over "+teacher"
 # RoIs per image) on digits scenes rendered at ``size`` px (800 = the papers' short side), random weights,
 # the digits' 10 classes (COCO's 80 would widen only the heads' last layers).
 PAIRS = {"digits": "configs/digits/{arch}_r34_r18_fitnet.yaml", "coco": "configs/coco/{arch}_r101_r50_fitnet.yaml"}
+PAIR_BATCH = {"digits": 8, "coco": 2}  # the configs' data.batch_size: images per fixed batch
 
 
 def load_cfg(arch: str, method: str, data_root: str, teacher_ckpt: str, train_images: int, device: str,
@@ -344,7 +345,7 @@ def main() -> None:
         data_root, teachers = prepare(Path(tmp), a.archs, a.train_images, a.pair, a.size)
         base = {"device": a.device, "threads": a.threads, "data_root": data_root, "teachers": teachers,
                 "train_images": a.train_images, "steps": a.steps, "warmup": a.warmup,
-                "batches": max(1, a.train_images // (2 if a.pair == "coco" else 8)), "pair": a.pair, "size": a.size}
+                "batches": max(1, a.train_images // PAIR_BATCH[a.pair]), "pair": a.pair, "size": a.size}
         for arch in a.archs:
             print(f"{arch}: timing {len(names[arch])} configurations in turn", file=sys.stderr, flush=True)
             results[arch] = spawn({**base, "arch": arch, "configs": names[arch]}, memory=False)

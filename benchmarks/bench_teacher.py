@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from bench_step import (  # the script's own folder is on sys.path
     METHODS,
+    PAIR_BATCH,
     PAIRS,
     arch_methods,
     build_config,
@@ -160,10 +161,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as tmp:
         data_root, teachers = prepare(Path(tmp), a.archs, a.train_images, a.pair, a.size)
-        batch = 2 if a.pair == "coco" else 8
         base = {"device": a.device, "threads": a.threads, "data_root": data_root, "teachers": teachers,
                 "train_images": a.train_images, "steps": a.steps, "warmup": a.warmup,
-                "batches": max(1, a.train_images // batch), "pair": a.pair, "size": a.size}
+                "batches": max(1, a.train_images // PAIR_BATCH[a.pair]), "pair": a.pair, "size": a.size}
         for arch in a.archs:
             methods = arch_methods(arch, a.methods)
             groups = [["student", *([] if a.no_variants else [v for v in VARIANTS if v in a.variants])]]

@@ -28,7 +28,14 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from bench_step import PAIRS, build_config, load_batches, prepare, train_step  # the script's folder is on sys.path
+from bench_step import (  # the script's folder is on sys.path
+    PAIR_BATCH,
+    PAIRS,
+    build_config,
+    load_batches,
+    prepare,
+    train_step,
+)
 from machine import RunStamp, check_device, device_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +58,7 @@ def main() -> None:
     stamp = RunStamp()
     device = torch.device(a.device)
     with tempfile.TemporaryDirectory(prefix="roi_head_cost_") as tmp:
-        n_images = 4 if a.pair == "coco" else 16
+        n_images = 2 * PAIR_BATCH[a.pair]  # two batches; one is timed
         data_root, teachers = prepare(Path(tmp), ["faster_rcnn"], n_images, a.pair, a.size)
         args = {"device": a.device, "threads": a.threads, "data_root": data_root, "teachers": teachers,
                 "train_images": n_images, "pair": a.pair, "size": a.size}
