@@ -11,10 +11,12 @@ batch 8), the same data set and loader settings, in ONE process:
   check, logging window, JSONL log every ``train.log_every`` steps, scheduler step);
 - ``bare``: a loop in the style of torchvision's ``references/detection/engine.py``: batch to the device,
   forward, sum of the loss dict, the loss as a Python float for the log, zero_grad, backward, optimizer
-  step, scheduler step; a separate copy of the model (same initial weights), optimizer and schedule.
+  step, scheduler step; a separate copy of the model (same initial weights), optimizer and schedule;
+- ``bare, same objects``: the same bare loop on detkd's own model, optimizer, schedule and loader, so that
+  the two differ in the loop's code alone (separate copies can differ by a few percent on their own).
 
-Epochs alternate (detkd, bare, bare, detkd, ...) so that a change of the machine's load hits both alike;
-the ratio is of the median epoch times (process CPU time on CPU: the loader's worker processes are not
+Epochs alternate (detkd, bare, same, then the reverse order, ...) so that a change of the machine's load
+hits all alike; the ratio is of the median epoch times (process CPU time on CPU: the loader's worker processes are not
 in it on either side; wall time as well). Data share: time the bare loop spends waiting for the next batch
 over its epoch wall time. Evaluation share: one :func:`evaluate_model` on the val split, per image, next to
 the training time per image, and what that gives for the digits bench (500 train / 200 val images,
@@ -112,10 +114,10 @@ def main() -> None:
         opt = build_optimizer(list(model.parameters()), cfg.train)
         sched = build_scheduler(opt, len(loader), cfg.train)
 
-        times: dict[str, dict[str, list[float]]] = {"detkd": {"wall": [], "cpu": []},
-                                                    "bare": {"wall": [], "cpu": [], "wait": []}}
+        sides = ("detkd", "bare", "same")
+        times: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "wait": []} for s in sides}
         for r in range(a.rounds):
-            for side in (("detkd", "bare") if r % 2 == 0 else ("bare", "detkd")):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 if side == "detkd":
                     start_epoch(run)
                     t0, c0 = time.perf_counter(), time.process_time()
@@ -124,36 +126,42 @@ def main() -> None:
                     times["detkd"]["cpu"].append(time.process_time() - c0)
                     run.state.epoch += 1
                 else:
-                    res = bare_epoch(model, opt, sched, loader, device)
+                    res = (bare_epoch(model, opt, sched, loader, device) if side == "bare" else
+                           bare_epoch(run.step.student, run.opt, run.sched, run.train_loader, device))
                     for k, v in res.items():
-                        times["bare"][k].append(v)
+                        times[side][k].append(v)
                 print(f"  round {r + 1}/{a.rounds}: {side} done", file=sys.stderr, flush=True)
         run.logger.close()
 
         t0, c0 = time.perf_counter(), time.process_time()
         evaluate_model(run.step.student, run.val_loader, run.coco_gt, device, False, cfg.eval.max_dets)
         eval_wall, eval_cpu = time.perf_counter() - t0, time.process_time() - c0
-        n_val, n_train = len(run.val_loader.dataset), len(run.train_loader) * cfg.data.batch_size
+        n_val, n_steps = len(run.val_loader.dataset), len(run.train_loader)
+        n_train = n_steps * cfg.data.batch_size
 
-    med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in times.items()}
+    med = {s: {k: statistics.median(v) for k, v in d.items() if v} for s, d in times.items()}
     load1 = os.getloadavg()
     machine = cpu_name() if a.device == "cpu" else torch.cuda.get_device_name()
     print(f"# bench_loop {start}, {a.arch} digits bench student, device {a.device} ({machine}), {a.threads} threads, "
           f"workers {a.workers}, torch {torch.__version__}, {a.rounds} epochs each of {n_train} images (batch "
           f"{cfg.data.batch_size}), alternating in one process; load average {load0[0]:.2f} -> {load1[0]:.2f}")
     print(f"{'loop':<8} {'epoch CPU s':>11} {'epoch wall s':>12} {'img/s (wall)':>12}")
-    for s in ("detkd", "bare"):
+    for s in ("detkd", "bare", "same"):
         print(f"{s:<8} {med[s]['cpu']:11.2f} {med[s]['wall']:12.2f} {n_train / med[s]['wall']:12.1f}")
     print(f"detkd step rate / bare step rate: {med['bare']['cpu'] / med['detkd']['cpu']:.3f} (CPU time), "
           f"{med['bare']['wall'] / med['detkd']['wall']:.3f} (wall); target >= 0.97")
+    print(f"detkd step rate / bare loop on detkd's own model, optimizer and loader ('same'): "
+          f"{med['same']['cpu'] / med['detkd']['cpu']:.3f} (CPU time), "
+          f"{med['same']['wall'] / med['detkd']['wall']:.3f} (wall)")
     # one epoch's time moves by several percent from epoch to epoch even on an idle machine: the ratio of
     # medians resolves a difference of about the spread divided by sqrt(rounds), so print the spread
-    spread = {s: statistics.quantiles(times[s]["cpu"], n=4) for s in ("detkd", "bare")} if a.rounds >= 2 else {}
+    spread = {s: statistics.quantiles(times[s]["cpu"], n=4) for s in sides} if a.rounds >= 2 else {}
     for s, (q1, _, q3) in spread.items():
         print(f"{s} epoch CPU s, interquartile range: {q1:.2f}-{q3:.2f} ({(q3 - q1) / med[s]['cpu']:.1%} of the "
               "median)")
     print(f"data loading: the bare loop waits {med['bare']['wait']:.2f} s of its {med['bare']['wall']:.2f} s epoch "
-          f"for batches ({med['bare']['wait'] / med['bare']['wall']:.1%}; {a.workers} worker process(es))")
+          f"for batches ({med['bare']['wait'] / med['bare']['wall']:.1%}, "
+          f"{med['bare']['wait'] / n_steps * 1e3:.1f} ms a batch; {a.workers} worker process(es))")
     per_train = med["detkd"]["wall"] / n_train
     per_val = eval_wall / n_val
     bench_eval = 200 * per_val

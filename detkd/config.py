@@ -65,7 +65,7 @@ class DataConfig:
     photometric: bool = False  # random photometric distortion in training
     batch_size: int = 8  # images per step and per process
     workers: int = 2  # data loader worker processes; 0 loads in the training process, which is faster for
-    # tiny images (64 px digits: a batch loads in 7 ms, receiving it from a worker takes 12-18 ms)
+    # tiny images (64 px digits: a batch loads in 7 ms, waiting for it from a worker takes 18-24 ms; bench_loop.py)
     digits: DigitsConfig = field(default_factory=DigitsConfig)  # format digits: generation parameters
 
 
